@@ -1,0 +1,56 @@
+"""``ObjectStore``: the blocking, idempotent interface to object storage.
+
+Objects are immutable: a key is written once (``put``) and later deleted;
+never rewritten with other bytes.  Every method is **blocking** and is called
+from worker threads (``threads.run_blocking(..., limiter=S3)``); stores must
+be thread-safe.  Failures are ``errors.ObjectStoreError`` subclasses:
+``NoSuchKey`` for a missing object, ``NoSuchBucket``, ``AccessDenied``, and
+plain ``ObjectStoreError`` for everything else after retries.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Iterator
+
+
+class ObjectStore(abc.ABC):
+    #: a short description for logs and ``.config`` (no secrets)
+    description: str = ""
+
+    @abc.abstractmethod
+    def get(self, key: str, off: int = 0, limit: int = -1) -> bytes:
+        """Blocking. Bytes ``[off, off+limit)`` of an object (``limit < 0``: to the end)."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Blocking. Store an object durably (atomic: readers see all or nothing)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Blocking. Remove an object; a missing object is not an error."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> int:
+        """Blocking. The object's size; NoSuchKey if missing."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Blocking. (key, size) of every object under ``prefix``, in key order."""
+
+    def check(self) -> None:
+        """Blocking. Prove the store works: put, get and delete a probe object.
+        Raises ObjectStoreError subclasses with a one-line message."""
+        import os
+
+        key = f"probe/{os.urandom(8).hex()}"
+        self.put(key, b"curvefs probe")
+        try:
+            if self.get(key) != b"curvefs probe":
+                from ..errors import ObjectStoreError
+
+                raise ObjectStoreError(msg=f"{self.description}: probe object read back wrong")
+        finally:
+            self.delete(key)
+
+    def close(self) -> None:
+        """Blocking. Release connections."""
