@@ -1,0 +1,99 @@
+"""``curvefs mount META_URL MOUNTPOINT``: serve a volume (foreground, or -d in the background)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..config import MountOptions, check_meta_url, parse_size
+from ..errors import QuietError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mount", help="mount a volume",
+                       description="Mount the volume in META_URL on MOUNTPOINT.")
+    p.add_argument("meta_url", metavar="META_URL")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-d", "--background", action="store_true", help="run in the background; return when the mount is usable")
+    p.add_argument("--cache-dir", default="/var/cache/curvefs", help="local block cache directory (default /var/cache/curvefs)")
+    p.add_argument("--cache-size", default="10G", help="disk cache limit (default 10G)")
+    p.add_argument("--buffer-size", "--mem-cache-size", dest="mem_cache_size", default="256M", help="memory block cache (default 256M)")
+    p.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute cache timeout in seconds (default 1)")
+    p.add_argument("--entry-timeout", type=float, default=1.0, help="kernel entry cache timeout in seconds (default 1)")
+    p.add_argument("--negative-timeout", type=float, default=0.0, help="kernel negative-lookup cache timeout in seconds (default 0)")
+    p.add_argument("--max-uploads", type=int, default=20, help="parallel object uploads/downloads (default 20)")
+    p.add_argument("--readahead", default="0", help="sequential readahead window (default: 4 blocks)")
+    p.add_argument("--kernel-cache-budget", default="1G", help="bytes the daemon may push into the page cache")
+    p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
+    p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
+    p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
+    p.set_defaults(func=run)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _options(args) -> MountOptions:
+    check_meta_url(args.meta_url)
+    return MountOptions(
+        meta_url=args.meta_url, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
+        cache_size=parse_size(args.cache_size), mem_cache_size=parse_size(args.mem_cache_size),
+        attr_timeout=args.attr_timeout, entry_timeout=args.entry_timeout,
+        negative_timeout=args.negative_timeout, log_file=args.log_file, debug=args.debug,
+        no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
+        kernel_cache_budget=parse_size(args.kernel_cache_budget))
+
+
+def run(args) -> int:
+    from ..fuse.daemon import check_mountpoint, serve, setup_logging
+
+    opts = _options(args)
+    check_mountpoint(opts.mountpoint)
+    if not args.background:
+        setup_logging(opts.log_file, opts.debug)
+        return serve(opts)
+    return _background(args, opts)
+
+
+def _background(args, opts: MountOptions) -> int:
+    """Start the daemon detached; exit 0 once MOUNTPOINT serves, else its one-line error."""
+    mp = os.path.abspath(opts.mountpoint)
+    argv = [a for a in sys.argv[1:] if a not in ("-d", "--background")]
+    if sys.argv and not sys.argv[0].endswith("curvefs"):
+        cmd = [sys.executable, "-m", "curvefs_py.cli.main"] + argv
+    else:
+        cmd = [sys.argv[0]] + argv
+    if opts.log_file is None:
+        cmd += ["--log", "/var/log/curvefs.log" if os.geteuid() == 0 else os.path.expanduser("~/.curvefs.log")]
+    err = tempfile.NamedTemporaryFile(prefix="curvefs-mount-", suffix=".err", delete=False)
+    try:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=err, start_new_session=True, close_fds=True)
+        parent_dev = os.stat(os.path.dirname(mp.rstrip("/")) or "/").st_dev
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            rc = child.poll()
+            if rc is not None:
+                err.seek(0)
+                lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
+                msg = lines[-1] if lines else f"daemon exited with status {rc}"
+                if msg.startswith("curvefs mount: "):
+                    msg = msg[len("curvefs mount: "):]
+                raise QuietError(msg, rc or 1)
+            try:
+                if os.path.ismount(mp) and os.stat(mp).st_dev != parent_dev:
+                    print(f"mounted on {mp} (pid {child.pid})")
+                    return 0
+            except OSError:
+                pass
+            time.sleep(0.05)
+        child.terminate()
+        raise QuietError(f"mount on {mp} did not come up within {args.timeout:.0f}s", 7)
+    finally:
+        err.close()
+        os.unlink(err.name)

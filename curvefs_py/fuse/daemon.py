@@ -1,0 +1,192 @@
+"""Composition root: build the layers, mount, run the trio loop, and tear down in reverse.
+
+``serve(opts)`` is blocking and runs in the foreground process:
+
+1. open the engine and load the format (not formatted → QuietError 5),
+2. open the object store and prove it works (QuietError 4),
+3. register a session, build cache → chunk store → VFS → Operations,
+4. ``pyfuse3.init`` (mount), then ``trio.run``: one nursery holds the
+   background workers (uploads, deleter, heartbeat, prefetch) and the signal
+   watcher; ``pyfuse3.main`` serves requests until the file system is
+   unmounted (``curvefs umount``/``fusermount3 -u``) or a signal arrives,
+5. flush every writer, run the deleter once, close the session, unmount.
+
+SIGTERM/SIGINT/SIGHUP flush and unmount (lazily if busy).  ``faulthandler`` is
+on, and SIGUSR1 dumps every thread's stack to the log.
+"""
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import trio
+
+from .. import __version__, metrics, threads
+from ..config import MountOptions
+from ..errors import FsError, ObjectStoreError, QuietError
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(mp: str) -> str:
+    """Validate MOUNTPOINT; clear a dead FUSE mount left by a crashed daemon."""
+    mp = os.path.abspath(mp)
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise QuietError(f"mountpoint {mp} does not exist", 6) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a daemon died with the mount in place
+            log.warning("%s: clearing a dead mount (its daemon is gone)", mp)
+            lazy_unmount(mp)
+            st = os.stat(mp)
+        else:
+            raise QuietError(f"mountpoint {mp}: {exc.strerror}", 6) from None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise QuietError(f"mountpoint {mp} is not a directory", 6)
+    if os.path.ismount(mp):
+        raise QuietError(f"mountpoint {mp} is busy: something is already mounted there", 6)
+    return mp
+
+
+def lazy_unmount(mp: str) -> None:
+    for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+
+
+def serve(opts: MountOptions) -> int:
+    """Mount and serve in the foreground until unmounted. Blocking."""
+    import pyfuse3
+
+    from ..chunk.cache import BlockCache
+    from ..chunk.store import ChunkStore
+    from ..meta import open_engine
+    from ..object import open_store
+    from ..vfs.vfs import VFS
+    from .notifier import KernelNotifier
+    from .operations import Operations
+
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    mp = check_mountpoint(opts.mountpoint)
+    engine = open_engine(opts.meta_url)
+    try:
+        fmt = engine.load()
+    except FsError as exc:
+        if exc.errno == errno.ENOENT:
+            raise QuietError(f"{opts.meta_url} holds no volume: run `curvefs format` first", 5) from None
+        raise QuietError(f"cannot read metadata from {opts.meta_url}: {exc}", 4) from None
+    try:
+        store = open_store(fmt.storage, fmt.bucket, fmt.access_key, fmt.secret_key, fmt.region)
+        store.check()
+    except ObjectStoreError as exc:
+        raise QuietError(f"object storage: {exc}", 4) from None
+
+    if engine.__class__.__name__ == "SqliteEngine":
+        threads.configure(meta=1)  # one writer for SQLite
+    threads.configure(s3=max(4, opts.max_uploads))
+    try:
+        os.makedirs(opts.cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise QuietError(f"cache dir {opts.cache_dir}: {exc.strerror}", 3) from None
+    cache = BlockCache(opts.cache_dir, opts.cache_size, opts.mem_cache_size, fmt.uuid)
+    chunks = ChunkStore(store, cache, fmt.block_size)
+    engine.new_session({"host": socket.gethostname(), "pid": os.getpid(), "mountpoint": mp,
+                        "version": __version__})
+    notifier = KernelNotifier(opts.kernel_cache_budget)
+    vfs_options = {"attr_timeout": opts.attr_timeout, "entry_timeout": opts.entry_timeout,
+                   "negative_timeout": opts.negative_timeout, "cache_dir": opts.cache_dir,
+                   "cache_size": opts.cache_size, "mountpoint": mp, "meta_url": _redact(opts.meta_url)}
+    if opts.readahead:
+        vfs_options["readahead"] = opts.readahead
+    vfs = VFS(engine, chunks, fmt, notifier=notifier, options=vfs_options)
+    ops = Operations(vfs, attr_timeout=opts.attr_timeout, entry_timeout=opts.entry_timeout,
+                     negative_timeout=opts.negative_timeout)
+    fuse_opts = set(pyfuse3.default_options)
+    fuse_opts |= {f"fsname=curvefs:{fmt.name}", "subtype=curvefs", "default_permissions"}
+    if os.geteuid() == 0:
+        fuse_opts.add("allow_other")
+    try:
+        pyfuse3.init(ops, mp, fuse_opts)
+    except RuntimeError as exc:
+        engine.close_session()
+        raise QuietError(f"FUSE mount on {mp} failed: {exc}", 7) from None
+    log.info("mounted volume %s on %s (pid %d)", fmt.name, mp, os.getpid())
+    state = {"signalled": False}
+    try:
+        trio.run(_run, vfs, chunks, state)
+    finally:
+        try:
+            pyfuse3.close(unmount=state["signalled"])
+        except Exception as exc:  # already unmounted
+            log.debug("pyfuse3.close: %s", exc)
+        if state["signalled"] and os.path.ismount(mp):
+            lazy_unmount(mp)
+        try:
+            engine.close_session()
+        finally:
+            engine.close()
+            store.close()
+        log.info("unmounted %s", mp)
+    return 0
+
+
+async def _run(vfs, chunks, state) -> None:
+    import pyfuse3
+
+    threads.reset()
+    async with trio.open_nursery() as nursery:
+        if hasattr(chunks, "start"):
+            res = chunks.start(nursery)
+            if hasattr(res, "__await__"):
+                await res
+        await vfs.start(nursery)
+        nursery.start_soon(_watch_signals, state, name="signals")
+        try:
+            await pyfuse3.main()
+        finally:
+            with trio.CancelScope(shield=True):
+                await vfs.close()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(state) -> None:
+    import pyfuse3
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %s: flushing and unmounting", signal.Signals(sig).name)
+            state["signalled"] = True
+            pyfuse3.terminate()
+            return
+
+
+def _redact(url: str) -> str:
+    import re
+
+    return re.sub(r"://([^:/@]*):([^@]*)@", r"://\1:****@", url)
+
+
+def setup_logging(log_file: str | None, debug: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    metrics.set_gauge("daemon_start_unix_s", __import__("time").time())

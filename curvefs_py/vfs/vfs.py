@@ -1,0 +1,416 @@
+"""VFS: file-system operations in FS terms (inodes, names as bytes, ``FsError``).
+
+The layer between the FUSE adapter and the metadata engine / chunk store.  It
+owns the open-file table, the writers (write path), the reader (read path),
+the per-open-file caches (attributes and chunk slice lists, refreshed at
+every ``open`` for close-to-open consistency), the background deleter and the
+session heartbeat.  It never imports pyfuse3: kernel-cache calls go through
+an injected ``KernelNotifier`` (``None`` in tests that drive the VFS directly).
+
+Every engine call runs in a worker thread (``threads.run_blocking`` with the
+``META`` limiter); every data call goes through the async ``ChunkStore``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
+
+import trio
+
+from .. import ROOT_INODE, metrics, threads
+from ..errors import FsError, NoSuchKey
+from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
+from .handles import Handles
+from .internal import CONFIG_INO, NAMES as INTERNAL_NAMES, STATS_INO, InternalFiles, is_internal
+from .reader import Reader
+from .writer import Writers
+
+if TYPE_CHECKING:
+    from ..chunk.store import ChunkStore
+    from ..meta.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class KernelNotifier(Protocol):
+    """What the VFS may ask of the kernel (implemented in fuse/notifier.py)."""
+
+    async def invalidate_inode(self, ino: int, attr_only: bool = False) -> None: ...
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
+
+    async def store(self, ino: int, off: int, data: bytes, length: int) -> bool: ...
+
+
+class VFS:
+    def __init__(self, engine: "Engine", chunks: "ChunkStore", fmt: Format, *,
+                 notifier: Optional[KernelNotifier] = None, options: Optional[Dict[str, Any]] = None):
+        self.engine = engine
+        self.chunks = chunks
+        self.fmt = fmt
+        self.notifier = notifier
+        self.options = dict(options or {})
+        self.handles = Handles()
+        self.failsafe = False
+        self.open_attrs: Dict[int, Attr] = {}
+        self._slices: Dict[tuple[int, int], list[Slice]] = {}
+        #: data_version of each inode as the kernel's page cache last saw it
+        self.kernel_versions: Dict[int, int] = {}
+        self.writers = Writers(chunks, self._meta_call, self._new_slice_id, fmt.block_size,
+                               fmt.chunk_size, on_commit=self._on_commit,
+                               delete_later=self._delete_later)
+        self.reader = Reader(chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
+                             readahead=int(self.options.get("readahead", 4 * fmt.block_size)))
+        self.internal = InternalFiles(self._config)
+        self._delete_kick = trio.Event()
+        self._local_deletes: list[tuple[int, int]] = []
+        self._nursery: Optional[trio.Nursery] = None
+
+    # ------------------------------------------------------------ plumbing
+    async def _meta(self, fn, *args):
+        return await threads.run_blocking(fn, *args, limiter=threads.META)
+
+    async def _meta_call(self, name: str, *args):
+        return await self._meta(getattr(self.engine, name), *args)
+
+    async def _new_slice_id(self) -> int:
+        return await self._meta(self.engine.next_slice_id)
+
+    def _config(self) -> Dict[str, Any]:
+        fmt = self.fmt.to_dict()
+        fmt.pop("secret_key", None)
+        fmt.pop("access_key", None)
+        return {"format": fmt, "options": self.options, "pid": os.getpid(), "sid": self.engine.sid}
+
+    def _check_writable(self) -> None:
+        if self.failsafe:
+            raise FsError(errno.EROFS, "file system is in failsafe mode (run fsck)")
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the background workers (deleter, heartbeat) in ``nursery``."""
+        self._nursery = nursery
+        self.writers.nursery = nursery
+        nursery.start_soon(self._deleter, name="deleter")
+        nursery.start_soon(self._heartbeat, name="heartbeat")
+
+    async def close(self) -> None:
+        """Flush every writer and run the deleter once (unmount path)."""
+        await self.writers.flush_all()
+        await self._delete_pending()
+
+    def _on_commit(self, attr: Attr) -> None:
+        ino = attr.ino
+        for key in [k for k in self._slices if k[0] == ino]:
+            del self._slices[key]
+        if ino in self.open_attrs:
+            self.open_attrs[ino] = attr
+        # our own writes went through the page cache: the kernel's copy is current
+        if self.kernel_versions.get(ino) == attr.data_version - 1:
+            self.kernel_versions[ino] = attr.data_version
+        self._delete_kick.set()
+
+    def _delete_later(self, slice_id: int, size: int) -> None:
+        self._local_deletes.append((slice_id, size))
+        self._delete_kick.set()
+
+    async def _get_slices(self, ino: int, chunk_idx: int) -> list[Slice]:
+        key = (ino, chunk_idx)
+        s = self._slices.get(key)
+        if s is None:
+            s = await self._meta(self.engine.read_chunk, ino, chunk_idx)
+            if ino in self.open_attrs:  # cache only for open files (dropped at open/commit)
+                self._slices[key] = s
+        return s
+
+    def _with_dirty(self, attr: Attr) -> Attr:
+        d = self.writers.dirty_length(attr.ino)
+        if d is not None:
+            length, mtime = d
+            attr = attr.copy(length=max(attr.length, length), mtime_ns=max(attr.mtime_ns, mtime))
+        return attr
+
+    # ------------------------------------------------------- background
+    async def _deleter(self) -> None:
+        while True:
+            with trio.move_on_after(1.0):
+                await self._delete_kick.wait()
+            self._delete_kick = trio.Event()
+            try:
+                await self._delete_pending()
+            except Exception as exc:  # keep going; objects stay queued
+                log.warning("background delete failed: %s", exc)
+                metrics.inc("vfs_delete_errors")
+                await trio.sleep(5)
+
+    async def _delete_pending(self) -> None:
+        while self._local_deletes:
+            sid, size = self._local_deletes.pop()
+            await self.chunks.delete_slice(sid, size)
+        while True:
+            batch = await self._meta(self.engine.pending_deletes, 200)
+            if not batch:
+                return
+            async with trio.open_nursery() as n:
+                for sid, size in batch:
+                    n.start_soon(self.chunks.delete_slice, sid, size)
+            await self._meta(self.engine.done_deletes, [sid for sid, _ in batch])
+            metrics.inc("vfs_slices_deleted", len(batch))
+
+    async def _heartbeat(self) -> None:
+        interval = float(self.options.get("heartbeat", 10))
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self._meta(self.engine.heartbeat)
+            except Exception as exc:
+                log.warning("session heartbeat failed: %s", exc)
+
+    # -------------------------------------------------------- namespace
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == ROOT_INODE and name in INTERNAL_NAMES:
+            return self.internal.attr(INTERNAL_NAMES[name])
+        attr = await self._meta(self.engine.lookup, parent, name)
+        return self._with_dirty(attr)
+
+    async def getattr(self, ino: int) -> Attr:
+        if is_internal(ino):
+            return self.internal.attr(ino)
+        attr = await self._meta(self.engine.getattr, ino)
+        return self._with_dirty(attr)
+
+    async def setattr(self, ino: int, changes: SetAttr) -> Attr:
+        if is_internal(ino):
+            raise FsError(errno.EPERM)
+        self._check_writable()
+        if changes.length is not None:
+            await self.writers.flush(ino)
+        else:
+            # a chmod/utimens must not be overtaken by a later commit of older writes
+            if changes.mtime_ns is not None:
+                await self.writers.flush(ino)
+        attr = await self._meta(self.engine.setattr, ino, changes)
+        if changes.length is not None:
+            self._on_commit(attr)
+        elif ino in self.open_attrs:
+            self.open_attrs[ino] = attr
+        return self._with_dirty(attr)
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                    target: Optional[bytes] = None) -> Attr:
+        self._check_writable()
+        if parent == ROOT_INODE and name in INTERNAL_NAMES:
+            raise FsError(errno.EEXIST)
+        return await self._meta(self.engine.mknod, parent, name, mode, uid, gid, rdev, target)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self.mknod(parent, name, stat.S_IFDIR | (mode & 0o7777), 0, uid, gid)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if not target or len(target) > 4096:
+            raise FsError(errno.ENAMETOOLONG if target else errno.ENOENT)
+        return await self.mknod(parent, name, stat.S_IFLNK | 0o777, 0, uid, gid, target)
+
+    async def unlink(self, parent: int, name: bytes) -> Attr:
+        self._check_writable()
+        if parent == ROOT_INODE and name in INTERNAL_NAMES:
+            raise FsError(errno.EPERM)
+        attr = await self._meta(self.engine.unlink, parent, name, self.handles.is_open)
+        self._delete_kick.set()
+        return attr
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        self._check_writable()
+        await self._meta(self.engine.rmdir, parent, name)
+
+    async def rename(self, parent: int, name: bytes, newparent: int, newname: bytes,
+                     flags: int = 0) -> None:
+        self._check_writable()
+        for p, n in ((parent, name), (newparent, newname)):
+            if p == ROOT_INODE and n in INTERNAL_NAMES:
+                raise FsError(errno.EPERM)
+        await self._meta(self.engine.rename, parent, name, newparent, newname, flags,
+                         self.handles.is_open)
+        self._delete_kick.set()
+
+    async def link(self, ino: int, newparent: int, newname: bytes) -> Attr:
+        self._check_writable()
+        if is_internal(ino):
+            raise FsError(errno.EPERM)
+        attr = await self._meta(self.engine.link, ino, newparent, newname)
+        return self._with_dirty(attr)
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self._meta(self.engine.readlink, ino)
+
+    # ------------------------------------------------------------- files
+    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
+        """Open a file: returns (fh, keep_cache, direct_io)."""
+        if is_internal(ino):
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise FsError(errno.EACCES)
+            h = self.handles.new(ino, flags, is_file=False)
+            h.content = self.internal.render(ino)
+            return h.fh, False, True
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._check_writable()
+        attr = await self._meta(self.engine.getattr, ino)
+        if attr.is_dir:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and attr.length:
+            await self.writers.flush(ino)
+            attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
+        h = self.handles.new(ino, flags)
+        # close-to-open: drop cached slice lists, keep the kernel's pages only
+        # while the data version is the one the kernel last saw
+        for key in [k for k in self._slices if k[0] == ino]:
+            del self._slices[key]
+        if not self.writers.get(ino):
+            self.open_attrs[ino] = attr
+        else:
+            self.open_attrs.setdefault(ino, attr)
+        keep = self.kernel_versions.get(ino) == attr.data_version
+        self.kernel_versions[ino] = attr.data_version
+        return h.fh, keep, False
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
+                     gid: int) -> tuple[int, Attr]:
+        attr = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        h = self.handles.new(attr.ino, flags)
+        self.open_attrs[attr.ino] = attr
+        self.kernel_versions[attr.ino] = attr.data_version
+        return h.fh, attr
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles.get(fh)
+        if h.content is not None:
+            return h.content[off:off + size]
+        ino = h.ino
+        if self.writers.dirty_length(ino) is not None:
+            await self.writers.flush(ino)
+        attr = self.open_attrs.get(ino)
+        if attr is None:
+            attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
+        try:
+            data = await self.reader.read(ino, off, size, attr.length)
+        except NoSuchKey as exc:
+            self.failsafe = True
+            log.error("inode %d: object missing (%s): failsafe mode, mutations get EROFS", ino, exc)
+            raise FsError(errno.EIO, str(exc)) from None
+        metrics.inc("vfs_read_bytes", len(data))
+        end = off + len(data)
+        if off == h.last_end or off == 0:
+            h.seq_reads += 1
+            if h.seq_reads >= 2 and self._nursery is not None and end < attr.length:
+                self._nursery.start_soon(self._readahead, ino, end, attr.length)
+        else:
+            h.seq_reads = 0
+        h.last_end = end
+        return data
+
+    async def _readahead(self, ino: int, off: int, length: int) -> None:
+        try:
+            await self.reader.readahead_from(ino, off, length)
+        except Exception as exc:
+            log.debug("readahead of inode %d failed: %s", ino, exc)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self.handles.get(fh)
+        if h.content is not None:
+            raise FsError(errno.EBADF)
+        self._check_writable()
+        n = await self.writers.write(h.ino, off, data)
+        metrics.inc("vfs_write_bytes", n)
+        return n
+
+    async def flush(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h.content is None:
+            await self.writers.flush(h.ino)
+
+    async def fsync(self, fh: int, datasync: bool = False) -> None:
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.by_fh.get(fh)
+        if h is None:
+            return
+        if h.content is not None:
+            self.handles.release(fh, is_file=False)
+            return
+        try:
+            await self.writers.flush(h.ino)
+        finally:
+            _, last = self.handles.release(fh)
+        if last:
+            self.open_attrs.pop(h.ino, None)
+            for key in [k for k in self._slices if k[0] == h.ino]:
+                del self._slices[key]
+            await self._meta(self.engine.release_sustained, h.ino)
+            self._delete_kick.set()
+
+    # ------------------------------------------------------- directories
+    async def opendir(self, ino: int) -> int:
+        attr = await self._meta(self.engine.getattr, ino)
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self.handles.new(ino, is_file=False).fh
+
+    async def readdir(self, fh: int, start: int) -> list[tuple[int, DirEntry]]:
+        """Entries from position ``start`` as (next position, entry).  The
+        listing is a snapshot taken at the first call (and at a rewind to 0),
+        so it is stable while the directory changes."""
+        h = self.handles.get(fh)
+        if h.entries is None or start == 0:
+            attr = await self._meta(self.engine.getattr, h.ino)
+            parent = await self._meta(self.engine.lookup, h.ino, b"..")
+            entries = await self._meta(self.engine.readdir, h.ino)
+            h.entries = [DirEntry(b".", attr.ino, attr), DirEntry(b"..", parent.ino, parent)]
+            h.entries += [DirEntry(e.name, e.ino, self._with_dirty(e.attr)) for e in entries]
+        return [(i + 1, h.entries[i]) for i in range(start, len(h.entries))]
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.by_fh.pop(fh, None)
+
+    # -------------------------------------------------------------- misc
+    async def statfs(self) -> StatFs:
+        return await self._meta(self.engine.statfs)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if is_internal(ino):
+            raise FsError(errno.ENODATA)
+        return await self._meta(self.engine.getxattr, ino, name)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._check_writable()
+        if is_internal(ino):
+            raise FsError(errno.EPERM)
+        if len(name) > 255:
+            raise FsError(errno.ERANGE)
+        if len(value) > 65536:
+            raise FsError(errno.E2BIG)
+        await self._meta(self.engine.setxattr, ino, name, value, flags)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        if is_internal(ino):
+            return []
+        return await self._meta(self.engine.listxattr, ino)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_writable()
+        await self._meta(self.engine.removexattr, ino, name)
+
+    async def access(self, ino: int, mode: int, uid: int, gids: list[int]) -> bool:
+        attr = await self.getattr(ino)
+        if uid == 0:
+            return not (mode & os.X_OK) or bool(attr.mode & 0o111) or attr.is_dir
+        if attr.uid == uid:
+            bits = (attr.mode >> 6) & 7
+        elif attr.gid in gids:
+            bits = (attr.mode >> 3) & 7
+        else:
+            bits = attr.mode & 7
+        return (mode & bits) == mode

@@ -1,0 +1,95 @@
+"""Format and mount real curvefs volumes in subprocesses (used by t4+ tests and benchmarks)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "curvefs_py.cli.main"]
+
+
+def cli(*args: str, check: bool = True, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"curvefs {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+@dataclass
+class Mount:
+    meta_url: str
+    path: str
+    cache_dir: str
+    log_file: str
+    options: list = field(default_factory=list)
+    proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30) -> "Mount":
+        os.makedirs(self.path, exist_ok=True)
+        cmd = CLI + ["mount", self.meta_url, self.path, "--cache-dir", self.cache_dir,
+                     "--log", self.log_file] + list(self.options)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mount exited {self.proc.returncode}: {self.proc.stderr.read().decode()}")
+            if is_mounted(self.path):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError("mount did not come up")
+
+    def stop(self, timeout: float = 60) -> None:
+        """Unmount with `curvefs umount` (flushes) and wait for the daemon."""
+        if self.proc is None:
+            return
+        if is_mounted(self.path):
+            r = cli("umount", self.path, check=False)
+            if r.returncode != 0:
+                time.sleep(0.5)
+                r = cli("umount", self.path, check=False)
+                if r.returncode != 0:
+                    self.kill()
+                    raise AssertionError(f"umount failed: {r.stderr}")
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("daemon did not exit after umount")
+        self.proc = None
+
+    def kill(self) -> None:
+        """kill -9 the daemon and clear the dead mount (as a crash would leave it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+        self.proc = None
+
+    def log_problems(self) -> list[str]:
+        """WARNING/ERROR lines of the daemon log (tests fail on unexpected ones)."""
+        try:
+            with open(self.log_file) as f:
+                return [ln for ln in f if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+        except FileNotFoundError:
+            return []
+
+    def stats(self) -> dict:
+        out = {}
+        with open(os.path.join(self.path, ".stats")) as f:
+            for line in f:
+                k, _, v = line.rpartition(" ")
+                out[k] = float(v)
+        return out
