@@ -58,4 +58,5 @@ class MountOptions:
     max_uploads: int = 20
     readahead: int = 0  # 0: four blocks
     kernel_cache_budget: int = 1 << 30
+    push_whole_max: int = 128 << 20
     extra: dict = field(default_factory=dict)

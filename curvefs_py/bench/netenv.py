@@ -356,27 +356,39 @@ class NetEnv:
 
 
 def measure_http_latency(host: str, port: int, n: int = 15) -> dict:
-    ttfb, conn_ms = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        s = socket.create_connection((host, port), timeout=30)
-        t1 = time.perf_counter()
+    """Median time to first byte of ``GET /`` (a fresh connection each) and connect time."""
+    ttfb, conn_ms, errors = [], [], 0
+    while len(ttfb) < n:
         try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            t2 = time.perf_counter()
-            first = s.recv(1)
-            t3 = time.perf_counter()
-            if not first:
-                raise NetEnvError("S3 endpoint closed the connection without answering")
-            while s.recv(65536):
-                pass
-        finally:
-            s.close()
-        conn_ms.append((t1 - t0) * 1000)
-        ttfb.append((t3 - t2) * 1000)
+            c, t = _one_ttfb(host, port)
+        except OSError:
+            errors += 1
+            if errors > n:
+                raise
+            time.sleep(0.1)
+            continue
+        conn_ms.append(c)
+        ttfb.append(t)
     return {"ttfb_ms": statistics.median(ttfb), "ttfb_min_ms": min(ttfb),
-            "connect_ms": statistics.median(conn_ms), "samples": n}
+            "connect_ms": statistics.median(conn_ms), "samples": n, "errors": errors}
+
+
+def _one_ttfb(host: str, port: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    s = socket.create_connection((host, port), timeout=30)
+    t1 = time.perf_counter()
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        t2 = time.perf_counter()
+        if not s.recv(1):
+            raise ConnectionResetError("S3 endpoint closed the connection without answering")
+        t3 = time.perf_counter()
+        while s.recv(65536):
+            pass
+    finally:
+        s.close()
+    return (t1 - t0) * 1000, (t3 - t2) * 1000
 
 
 def _probe_up(host: str, seconds: float) -> float:

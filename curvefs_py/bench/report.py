@@ -83,7 +83,8 @@ def table_rows(results: list[JobResult]) -> tuple[list[str], list[list[str]]]:
             else:
                 row.append(f"{r.kernel_hit * 100:.0f}% {hit_kind}" if r.kernel_hit is not None else NA)
             row.append(f"{r.rt_per_op:.2f}" if r.rt_per_op is not None else NA)
-        row.append("ok" if ok else f"{r.status.upper()}: {r.reason}")
+        reason = r.reason if len(r.reason) <= 110 else r.reason[:107] + "..."
+        row.append("ok" if ok else f"{r.status.upper()}: {reason}")
         if any(x.condition for x in results):
             row.insert(1, r.condition or "local")
         rows.append(row)

@@ -154,16 +154,23 @@ def run_shell(cmd: str, what: str, timeout: float = 300) -> None:
 
 
 class StatsReader:
-    """Runs a ``... stats MOUNTPOINT --json`` command; remembers why it is unavailable."""
+    """Runs a ``... stats MOUNTPOINT --json`` command; remembers why it is unavailable.
 
-    def __init__(self, argv: list[str], timeout: float = 20):
+    ``stats_file`` (``MOUNTPOINT/.stats``, ``name value`` lines -- the numbers that
+    ``stats --json`` prints) is read instead while the CLI has no ``stats`` command."""
+
+    def __init__(self, argv: list[str], timeout: float = 20, stats_file: Optional[Path] = None):
         self.argv = argv
         self.timeout = timeout
+        self.stats_file = stats_file
         self.reason = ""
+        self.source = ""
 
     def read(self) -> Optional[dict]:
         if self.reason:
             return None
+        if self.source == "file":
+            return self._read_file()
         try:
             p = subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True,
                                text=True, timeout=self.timeout)
@@ -172,13 +179,36 @@ class StatsReader:
             return None
         if p.returncode != 0:
             msg = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            if "invalid choice" in msg and self.stats_file is not None and not self.source:
+                self.source = "file"     # this CLI has no `stats` command yet
+                return self._read_file()
             self.reason = f"`{' '.join(self.argv[-3:])}` failed: {msg[:160]}"
             return None
         try:
+            self.source = "command"
             return flatten(json.loads(p.stdout))
         except ValueError:
             self.reason = "stats --json printed no JSON"
             return None
+
+    def _read_file(self) -> Optional[dict]:
+        try:
+            with open(self.stats_file) as f:
+                text = f.read()
+        except OSError as exc:
+            self.reason = f"no `stats` command and {self.stats_file}: {exc.strerror}"
+            return None
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.strip().partition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+        if not out:
+            self.reason = f"{self.stats_file} has no counters"
+            return None
+        return out
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -186,7 +216,7 @@ def flatten(obj, prefix: str = "") -> dict:
     out: dict = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}." if not prefix else f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             out.update(flatten(v, f"{prefix}{i}."))
@@ -199,11 +229,12 @@ class CommandTarget(Target):
     """Any mounted directory, with user-given shell commands for remount / cold."""
 
     def __init__(self, name: str, path: Path, remount_cmd: str = "", cold_cmd: str = "",
-                 stats_argv: Optional[list[str]] = None, note: str = ""):
+                 stats_argv: Optional[list[str]] = None, note: str = "",
+                 stats_file: Optional[Path] = None):
         super().__init__(name, path, note)
         self.remount_cmd = remount_cmd
         self.cold_cmd = cold_cmd
-        self.stats_reader = StatsReader(stats_argv) if stats_argv else None
+        self.stats_reader = StatsReader(stats_argv, stats_file=stats_file) if stats_argv else None
 
     def _fmt(self, cmd: str) -> str:
         return cmd.replace("{mnt}", shlex.quote(str(self.path)))
@@ -293,45 +324,55 @@ def parse_fio(doc: dict, job: Job) -> dict:
 
 
 # --- counters -> kernel hit rate and daemon round trips --------------------------------------
-# `curvefs stats --json` prints the daemon's metrics snapshot (names follow
-# <layer>_<what>_<unit>); the names below are the ones the daemon and the BPF side use.  A
-# counter that is missing makes its column n/a, never 0.
+# `curvefs stats --json` prints the daemon's metrics snapshot (DESIGN.md §6; names follow
+# <layer>_<what>_<unit>).  The BPF side (kernel/loader.py) counts what the kernel did:
+#   kernel_fuse_requests_total / _<OP>   requests that reached the daemon
+#   kernel_read_calls                    read calls served by the page-cache path
+#   kernel_stat_calls                    stat-family calls aimed at this mount
+# and the daemon counts the requests it answered: fuse_op_<name>_count.
+# A counter that is missing makes its column n/a, never 0.
 
-DAEMON_REQ_TOTAL = ("fuse_requests_total", "fuse_ops_total")   # all FUSE requests (daemon side)
-DAEMON_REQ_PREFIXES = ("fuse_op_count_", "fuse_ops_count_", "fuse_requests_", "fuse_ops_")
-READ_KERNEL = ("kernel_read_calls", "bpf_read_calls", "kernel_page_cache_read_calls",
-               "kernel_filemap_get_pages")
-READ_DAEMON = ("kernel_fuse_requests_read", "bpf_fuse_requests_read", "fuse_requests_read",
-               "fuse_ops_read", "fuse_op_count_read", "fuse_read_count")
-STAT_KERNEL = ("kernel_stat_calls", "bpf_stat_calls")
-ATTR_DAEMON_SETS = (("kernel_fuse_requests_getattr", "kernel_fuse_requests_lookup"),
-                    ("bpf_fuse_requests_getattr", "bpf_fuse_requests_lookup"),
-                    ("fuse_requests_getattr", "fuse_requests_lookup"),
-                    ("fuse_ops_getattr", "fuse_ops_lookup"),
-                    ("fuse_op_count_getattr", "fuse_op_count_lookup"),
-                    ("fuse_getattr_count", "fuse_lookup_count"))
-# hit rates that the daemon computes itself (preferred when present: one source of truth)
-READ_HIT_DIRECT = ("kernel_read_hit_ratio", "kernel_hit_rate_read")
-ATTR_HIT_DIRECT = ("kernel_attr_hit_ratio", "kernel_hit_rate_attr")
+REQ_TOTAL = "kernel_fuse_requests_total"
+DAEMON_OP_PREFIX, DAEMON_OP_SUFFIX = "fuse_op_", "_count"
 
 
-def _find(delta: dict, names) -> Optional[float]:
-    for n in names:
-        for k, v in delta.items():
-            if k == n or k.endswith("." + n):
-                return v
+def _get(snap: dict, name: str) -> Optional[float]:
+    """``name`` at the top level, else in a nested section (not an interval/rate one)."""
+    if name in snap:
+        return snap[name]
+    for k, v in snap.items():
+        if k.endswith("." + name) and not any(x in k for x in ("interval", "rate", "per_s")):
+            return v
     return None
 
 
-def _daemon_requests(delta: dict) -> Optional[float]:
-    total = _find(delta, DAEMON_REQ_TOTAL)
-    if total is not None:
-        return total
-    vals = [v for k, v in delta.items()
-            if k.rsplit(".", 1)[-1].startswith(DAEMON_REQ_PREFIXES)
-            and not k.endswith(("_us_sum", "_errors")) and "_us_bucket_" not in k
-            and "errors" not in k and not k.rsplit(".", 1)[-1].startswith("fuse_ops_errors")]
-    return sum(vals) if vals else None
+def _delta(before: dict, after: dict, name: str) -> Optional[float]:
+    a = _get(after, name)
+    if a is None:
+        return None
+    return a - (_get(before, name) or 0.0)
+
+
+def _daemon_ops(snap: dict) -> dict:
+    return {k.rsplit(".", 1)[-1]: v for k, v in snap.items()
+            if k.rsplit(".", 1)[-1].startswith(DAEMON_OP_PREFIX) and k.endswith(DAEMON_OP_SUFFIX)
+            and not any(x in k for x in ("interval", "rate", "per_s"))}
+
+
+def _requests(before: dict, after: dict, op: Optional[str] = None) -> Optional[float]:
+    """FUSE requests that reached the daemon (all, or of one opcode): BPF count if loaded,
+    else the daemon's own per-handler counts."""
+    if _get(after, "kernel_bpf_available"):
+        return _delta(before, after, f"kernel_fuse_requests_{op.upper()}" if op else REQ_TOTAL) \
+            or (0.0 if _get(after, REQ_TOTAL) is not None else None)
+    ops_after = _daemon_ops(after)
+    if not ops_after:
+        return None
+    ops_before = _daemon_ops(before)
+    if op:
+        key = f"{DAEMON_OP_PREFIX}{op.lower()}{DAEMON_OP_SUFFIX}"
+        return ops_after.get(key, 0.0) - ops_before.get(key, 0.0)
+    return sum(v - ops_before.get(k, 0.0) for k, v in ops_after.items())
 
 
 def derive_stats(before: Optional[dict], after: Optional[dict], job: Job, ops: int) -> dict:
@@ -339,39 +380,23 @@ def derive_stats(before: Optional[dict], after: Optional[dict], job: Job, ops: i
     out: dict = {"kernel_hit": None, "rt_per_op": None, "delta": {}}
     if before is None or after is None:
         return out
-    delta = {k: after[k] - before.get(k, 0) for k in after
-             if isinstance(after[k], (int, float)) and not k.endswith("time_unix_s")
-             and after[k] - before.get(k, 0) != 0}
-    out["delta"] = delta
-    reqs = _daemon_requests(delta) if delta or after else None
-    if reqs is None and any(k.rsplit(".", 1)[-1].startswith(DAEMON_REQ_PREFIXES) for k in after):
-        reqs = 0.0   # the counters exist and did not move: zero round trips
+    out["delta"] = {k: after[k] - before.get(k, 0) for k in after
+                    if isinstance(after[k], (int, float)) and "time_unix" not in k
+                    and after[k] - before.get(k, 0) != 0 and "_us_bucket_" not in k}
+    reqs = _requests(before, after)
     if reqs is not None and ops:
         out["rt_per_op"] = reqs / ops
-    if job.hit == "read":
-        direct = _find(delta, READ_HIT_DIRECT)
-        kcalls, dreads = _find(delta, READ_KERNEL), _find(delta, READ_DAEMON)
-        if kcalls is None and _find(after, READ_KERNEL) is not None:
-            kcalls = 0.0
-        if dreads is None and _find(after, READ_DAEMON) is not None:
-            dreads = 0.0
-        if kcalls:
-            out["kernel_hit"] = max(0.0, 1.0 - (dreads or 0.0) / kcalls)
-        elif direct is not None:
-            out["kernel_hit"] = _find(after, READ_HIT_DIRECT)
-    elif job.hit == "attr":
-        kstats = _find(delta, STAT_KERNEL)
-        if kstats is None and _find(after, STAT_KERNEL) is not None:
-            kstats = 0.0
-        dreq = None
-        for names in ATTR_DAEMON_SETS:
-            if any(_find(after, (n,)) is not None for n in names):
-                dreq = sum(_find(delta, (n,)) or 0.0 for n in names)
-                break
-        if kstats:
-            out["kernel_hit"] = max(0.0, 1.0 - (dreq or 0.0) / kstats)
-        elif _find(after, ATTR_HIT_DIRECT) is not None:
-            out["kernel_hit"] = _find(after, ATTR_HIT_DIRECT)
+    bpf = bool(_get(after, "kernel_bpf_available"))
+    if job.hit == "read" and bpf:
+        calls, reads = _delta(before, after, "kernel_read_calls"), _requests(before, after, "read")
+        if calls and reads is not None:
+            out["kernel_hit"] = max(0.0, 1.0 - reads / calls)
+    elif job.hit == "attr" and bpf:
+        calls = _delta(before, after, "kernel_stat_calls")
+        getattr_ = _requests(before, after, "getattr")
+        lookup = _requests(before, after, "lookup")
+        if calls and getattr_ is not None and lookup is not None:
+            out["kernel_hit"] = max(0.0, 1.0 - (getattr_ + lookup) / calls)
     return out
 
 

@@ -51,11 +51,15 @@ def force_unmount(path: Path) -> None:
             pass
 
 
-def _tail(path: Path, n: int = 3) -> str:
+def _tail(path: Path, n: int = 2) -> str:
+    """The last lines a mount command logged (after our own ``$ argv`` line)."""
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+        text = path.read_text(errors="replace").strip()
     except OSError:
         return ""
+    own = text.rfind("\n$ ")
+    lines = [ln for ln in text[own + 1:].splitlines() if ln and not ln.startswith("$ ")]
+    return " | ".join(lines[-n:])[-400:]
 
 
 class System:
@@ -90,7 +94,9 @@ class System:
         return ["fusermount3", "-u", str(self.mountpoint)]
 
     def env(self) -> Optional[dict]:
-        return None
+        """Our environment without AWS_* settings (a CA bundle or profile of the machine
+        must not change how a client talks to the plain-HTTP test endpoint)."""
+        return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
     def stats_argv(self) -> Optional[list[str]]:
         return None
@@ -160,7 +166,7 @@ class MountTarget(Target):
         super().__init__(label, system.mountpoint)
         self.system = system
         argv = system.stats_argv()
-        self.reader = StatsReader(argv) if argv else None
+        self.reader = StatsReader(argv, stats_file=system.mountpoint / ".stats") if argv else None
 
     def remount(self) -> None:
         self.system.unmount()
@@ -221,7 +227,7 @@ class Curvefs(System):
         argv = curvefs_argv("format", self.meta_url, "bench", "--storage", "s3",
                             "--bucket", f"{self.endpoint}/{self.bucket}",
                             "--access-key", self.access_key, "--secret-key", self.secret_key)
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=self.env())
         if p.returncode != 0:
             raise RuntimeError(f"curvefs format failed ({p.returncode}): "
                                f"{(p.stderr or p.stdout).strip()[-300:]}")
@@ -321,7 +327,7 @@ class Juicefs(System):
                 "--bucket", f"{self.endpoint}/{self.bucket}",
                 "--access-key", self.access_key, "--secret-key", self.secret_key,
                 "--trash-days", "0", "--no-update", self.meta_url, "bench"]
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=self.env())
         if p.returncode != 0:
             raise RuntimeError(f"juicefs format failed: {(p.stderr or p.stdout).strip()[-300:]}")
 

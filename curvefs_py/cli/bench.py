@@ -165,7 +165,8 @@ def _run_mount(args, params, jobs, baselines, workdir, progress_factory):
     if name in baselines or name in ("tmpfs", "ext4"):
         name = f"{name} (mount)"   # the baseline rows carry the plain name
     stats_argv = None if args.no_stats else curvefs_argv("stats", str(mnt), "--json")
-    target = suite.CommandTarget(name, mnt, args.remount_cmd, args.cold_cmd, stats_argv)
+    target = suite.CommandTarget(name, mnt, args.remount_cmd, args.cold_cmd, stats_argv,
+                                 stats_file=mnt / ".stats")
     facts = {"path": str(mnt), "fs": kind, "label": name}
     try:
         with envrun.signals_as_interrupt(), \

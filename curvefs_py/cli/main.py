@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import QuietError
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except QuietError as exc:
         print(f"curvefs {args.command}: {exc}", file=sys.stderr)
         return exc.exitcode
+    except BrokenPipeError:  # e.g. `curvefs stats --json | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print(f"curvefs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--negative-timeout", type=float, default=0.0, help="kernel negative-lookup cache timeout in seconds (default 0)")
     p.add_argument("--max-uploads", type=int, default=20, help="parallel object uploads/downloads (default 20)")
     p.add_argument("--readahead", default="0", help="sequential readahead window (default: 4 blocks)")
-    p.add_argument("--kernel-cache-budget", default="1G", help="bytes the daemon may push into the page cache")
+    p.add_argument("--kernel-cache-budget", default="1G", help="bytes of this mount the daemon may fill into the page cache (default 1G; 0 turns pushing off)")
+    p.add_argument("--push-whole-max", default="128M", help="on open for reading, push whole files up to this size (larger ones: their first 8 MiB) from the local block cache into the page cache (default 128M)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
@@ -46,7 +47,8 @@ def _options(args) -> MountOptions:
         attr_timeout=args.attr_timeout, entry_timeout=args.entry_timeout,
         negative_timeout=args.negative_timeout, log_file=args.log_file, debug=args.debug,
         no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
-        kernel_cache_budget=parse_size(args.kernel_cache_budget))
+        kernel_cache_budget=parse_size(args.kernel_cache_budget),
+        push_whole_max=parse_size(args.push_whole_max))
 
 
 def run(args) -> int:

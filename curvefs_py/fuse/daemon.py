@@ -107,6 +107,8 @@ def serve(opts: MountOptions) -> int:
                         "version": __version__})
     notifier = KernelNotifier(opts.kernel_cache_budget)
     vfs_options = {"attr_timeout": opts.attr_timeout, "entry_timeout": opts.entry_timeout,
+                   "kernel_cache_budget": opts.kernel_cache_budget,
+                   "push_whole_max": opts.push_whole_max,
                    "negative_timeout": opts.negative_timeout, "cache_dir": opts.cache_dir,
                    "cache_size": opts.cache_size, "mountpoint": mp, "meta_url": _redact(opts.meta_url)}
     if opts.readahead:
@@ -126,7 +128,7 @@ def serve(opts: MountOptions) -> int:
     log.info("mounted volume %s on %s (pid %d)", fmt.name, mp, os.getpid())
     state = {"signalled": False}
     try:
-        trio.run(_run, vfs, chunks, state)
+        trio.run(_run, vfs, chunks, state, None if opts.no_bpf else mp)
     finally:
         try:
             pyfuse3.close(unmount=state["signalled"])
@@ -143,11 +145,38 @@ def serve(opts: MountOptions) -> int:
     return 0
 
 
-async def _run(vfs, chunks, state) -> None:
+async def _load_bpf(vfs, mp: str) -> None:
+    """Load the eBPF counters for this mount (seconds of compiling, in a thread)."""
+    from ..kernel.loader import load_async
+
+    probe = await load_async(mp)
+    vfs.kernel_probe = probe
+    if probe.available:
+        metrics.add_collector(probe.snapshot)
+
+        def resident() -> int | None:
+            snap = probe.snapshot_totals() if hasattr(probe, "snapshot_totals") else probe.snapshot()
+            r = snap.get("kernel_pages_resident")
+            return None if r is None else int(r) * 4096
+
+        vfs.pusher.resident_bytes = resident
+        log.info("eBPF counters loaded for %s", mp)
+    else:
+        metrics.set_gauge("kernel_bpf_available", 0)
+        log.info("eBPF counters unavailable: %s", probe.reason)
+
+
+async def _run(vfs, chunks, state, bpf_mountpoint) -> None:
     import pyfuse3
 
     threads.reset()
+    probe_holder = vfs
     async with trio.open_nursery() as nursery:
+        if bpf_mountpoint:
+            nursery.start_soon(_load_bpf, vfs, bpf_mountpoint, name="bpf-loader")
+        else:
+            vfs.options["bpf_reason"] = "disabled by --no-bpf"
+            metrics.set_gauge("kernel_bpf_available", 0)
         if hasattr(chunks, "start"):
             res = chunks.start(nursery)
             if hasattr(res, "__await__"):
@@ -159,6 +188,10 @@ async def _run(vfs, chunks, state) -> None:
         finally:
             with trio.CancelScope(shield=True):
                 await vfs.close()
+                probe = probe_holder.kernel_probe
+                if probe is not None:
+                    metrics.remove_collector(probe.snapshot)
+                    await trio.to_thread.run_sync(probe.close)
             nursery.cancel_scope.cancel()
 
 

@@ -600,8 +600,6 @@ class SqlEngine(Engine):
 
         def fn(tx: Txn) -> Attr:
             p = self._dir(tx, parent)
-            if p.nlink == 0:
-                raise FsError(errno.ENOENT, "parent directory was removed")
             if self._entry(tx, parent, name) is not None:
                 raise FsError(errno.EEXIST, f"{name!r} exists")
             fmt = self._fmt(tx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -30,12 +31,15 @@ class Handles:
         self._next = itertools.count(1)
         self.by_fh: Dict[int, Handle] = {}
         self.open_count: Dict[int, int] = {}
+        self.writable_count: Dict[int, int] = {}
 
     def new(self, ino: int, flags: int = 0, *, is_file: bool = True) -> Handle:
         h = Handle(next(self._next), ino, flags)
         self.by_fh[h.fh] = h
         if is_file:
             self.open_count[ino] = self.open_count.get(ino, 0) + 1
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                self.writable_count[ino] = self.writable_count.get(ino, 0) + 1
         return h
 
     def get(self, fh: int) -> Handle:
@@ -46,12 +50,21 @@ class Handles:
         h = self.by_fh.pop(fh)
         if not is_file:
             return h, False
+        if h.flags & (os.O_WRONLY | os.O_RDWR):
+            w = self.writable_count.get(h.ino, 0) - 1
+            if w <= 0:
+                self.writable_count.pop(h.ino, None)
+            else:
+                self.writable_count[h.ino] = w
         n = self.open_count.get(h.ino, 0) - 1
         if n <= 0:
             self.open_count.pop(h.ino, None)
             return h, True
         self.open_count[h.ino] = n
         return h, False
+
+    def is_writable(self, ino: int) -> bool:
+        return self.writable_count.get(ino, 0) > 0
 
     def is_open(self, ino: int) -> bool:
         return self.open_count.get(ino, 0) > 0

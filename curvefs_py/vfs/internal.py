@@ -1,24 +1,43 @@
-"""Virtual files at a reserved inode range: ``.stats`` and ``.config`` in the root.
+"""Virtual files at a reserved inode range in the root: ``.stats``, ``.config``, ``.control``.
 
 They are found by ``lookup`` in the root directory (not listed by readdir, as
-JuiceFS does), read-only, and served with ``direct_io`` so every read shows
-the snapshot taken at ``open``.  ``curvefs stats`` reads ``MOUNTPOINT/.stats``
-and needs no privileges.
+JuiceFS does) and served with ``direct_io`` so every read shows the daemon's
+current state, never the page cache.
+
+* ``.stats``: ``name value`` lines, a snapshot of the daemon's counters and
+  the BPF maps taken at ``open``; per-inode lines ``inode.<ino>.<counter>``
+  (for ``stats --top``) and ``inode.<ino>.name`` as a comment line.
+  ``curvefs stats`` reads it and needs no privileges.
+* ``.config``: JSON: the volume format (no secrets), mount options, pid,
+  session id, whether the BPF probes and the pusher are on (and why not).
+* ``.control``: a request channel.  A client writes one JSON request, e.g.
+  ``{"cmd": "warmup", "inodes": [..], "kernel": true}``, and then reads
+  (``pread(fd, n, 0)``) a JSON status line as many times as it likes until
+  ``"done": true``.  The request runs in the daemon's nursery and goes on if
+  the client goes away.
 """
 from __future__ import annotations
 
+import errno
 import json
 import stat
 import time
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 from .. import INTERNAL_INODE_BASE, metrics
+from ..errors import FsError
 from ..types import Attr
+
+if TYPE_CHECKING:
+    from .handles import Handle
 
 STATS_INO = INTERNAL_INODE_BASE + 1
 CONFIG_INO = INTERNAL_INODE_BASE + 2
+CONTROL_INO = INTERNAL_INODE_BASE + 3
 
-NAMES = {b".stats": STATS_INO, b".config": CONFIG_INO}
+NAMES = {b".stats": STATS_INO, b".config": CONFIG_INO, b".control": CONTROL_INO}
+
+TOP_INODES = 200
 
 
 def is_internal(ino: int) -> bool:
@@ -26,19 +45,80 @@ def is_internal(ino: int) -> bool:
 
 
 class InternalFiles:
-    def __init__(self, config: Callable[[], Dict]):
+    def __init__(self, config: Callable[[], Dict], inode_stats: Callable[[], Dict[int, Dict[str, float]]]):
         self._config = config
+        self._inode_stats = inode_stats
         self._start_ns = time.time_ns()
+        self._status: Dict[int, dict] = {}
 
     def render(self, ino: int) -> bytes:
         if ino == STATS_INO:
-            return metrics.render_text().encode()
+            return self._render_stats().encode()
         if ino == CONFIG_INO:
             return (json.dumps(self._config(), indent=2, sort_keys=True) + "\n").encode()
+        if ino == CONTROL_INO:
+            return b""
         raise KeyError(ino)
+
+    def _render_stats(self) -> str:
+        text = metrics.render_text()
+        per = self._inode_stats()
+        names = per.pop("names", {})
+        busiest = sorted(per.items(), key=lambda kv: -(kv[1].get("kernel_read_calls", 0)
+                                                       + kv[1].get("daemon_reads", 0)))[:TOP_INODES]
+        lines = []
+        for ino, d in busiest:
+            for k in sorted(d):
+                v = d[k]
+                lines.append(f"inode.{ino}.{k} {int(v) if float(v).is_integer() else round(v, 3)}")
+            if ino in names:
+                lines.append(f"# name {ino} {names[ino].decode(errors='replace')!r}")
+        return text + ("\n".join(lines) + "\n" if lines else "")
 
     def attr(self, ino: int) -> Attr:
         now = time.time_ns()
-        return Attr(ino=ino, mode=stat.S_IFREG | 0o444, nlink=1, uid=0, gid=0,
-                    length=len(self.render(ino)), atime_ns=now, mtime_ns=now,
-                    ctime_ns=self._start_ns)
+        mode = stat.S_IFREG | (0o666 if ino == CONTROL_INO else 0o444)
+        length = 0 if ino == CONTROL_INO else len(self.render(ino))
+        return Attr(ino=ino, mode=mode, nlink=1, uid=0, gid=0, length=length,
+                    atime_ns=now, mtime_ns=now, ctime_ns=self._start_ns)
+
+    # ------------------------------------------------------------ control
+    async def control_request(self, h: "Handle", data: bytes, vfs) -> int:
+        try:
+            req = json.loads(data.decode())
+            cmd = req["cmd"]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise FsError(errno.EINVAL, "bad control request") from None
+        if cmd != "warmup":
+            raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
+        inos = [int(i) for i in req.get("inodes", [])]
+        st = {"cmd": cmd, "files": 0, "files_total": len(inos), "bytes": 0,
+              "bytes_total": int(req.get("bytes_total", 0)), "errors": [], "done": False,
+              "started": time.time()}
+        self._status[h.fh] = st
+
+        def progress(files: int, nbytes: int, error: str | None = None) -> None:
+            st["files"] += files
+            st["bytes"] += nbytes
+            if error and len(st["errors"]) < 20:
+                st["errors"].append(error)
+
+        async def run():
+            try:
+                await vfs.warmup(inos, bool(req.get("kernel", True)), progress)
+            except Exception as exc:
+                st["errors"].append(str(exc))
+            finally:
+                st["done"] = True
+
+        vfs._nursery.start_soon(run, name="warmup")
+        return len(data)
+
+    def control_status(self, h: "Handle") -> bytes:
+        st = self._status.get(h.fh)
+        if st is None:
+            return b'{"done": true, "idle": true}\n'
+        return (json.dumps(st) + "\n").encode()
+
+    def forget(self, fh: int) -> None:
+        self._status.pop(fh, None)

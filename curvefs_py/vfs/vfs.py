@@ -25,7 +25,8 @@ from .. import ROOT_INODE, metrics, threads
 from ..errors import FsError, NoSuchKey
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .handles import Handles
-from .internal import CONFIG_INO, NAMES as INTERNAL_NAMES, STATS_INO, InternalFiles, is_internal
+from .internal import CONFIG_INO, CONTROL_INO, NAMES as INTERNAL_NAMES, STATS_INO, InternalFiles, is_internal
+from .pusher import Pusher
 from .reader import Reader
 from .writer import Writers
 
@@ -65,7 +66,16 @@ class VFS:
                                delete_later=self._delete_later)
         self.reader = Reader(chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
                              readahead=int(self.options.get("readahead", 4 * fmt.block_size)))
-        self.internal = InternalFiles(self._config)
+        self.internal = InternalFiles(self._config, self._inode_stats)
+        self.pusher = Pusher(notifier, chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
+                             budget=int(self.options.get("kernel_cache_budget", 1 << 30)),
+                             push_whole_max=int(self.options.get("push_whole_max", 128 << 20)),
+                             resident_bytes=self.options.get("resident_bytes"))
+        self.pusher.blocked = lambda ino: self.handles.is_writable(ino) or self.writers.get(ino) is not None
+        #: per-inode READ requests that reached the daemon, and the last name seen
+        self.inode_reads: Dict[int, int] = {}
+        self.names: Dict[int, bytes] = {}
+        self.kernel_probe = None  # set by the daemon when the BPF probes loaded
         self._delete_kick = trio.Event()
         self._local_deletes: list[tuple[int, int]] = []
         self._nursery: Optional[trio.Nursery] = None
@@ -84,7 +94,33 @@ class VFS:
         fmt = self.fmt.to_dict()
         fmt.pop("secret_key", None)
         fmt.pop("access_key", None)
-        return {"format": fmt, "options": self.options, "pid": os.getpid(), "sid": self.engine.sid}
+        probe = self.kernel_probe
+        opts = {k: v for k, v in self.options.items() if not callable(v)}
+        return {"format": fmt, "options": opts, "pid": os.getpid(), "sid": self.engine.sid,
+                "kernel_bpf": {"available": bool(probe and probe.available),
+                               "reason": (probe.reason if probe else self.options.get("bpf_reason", "not loaded"))},
+                "kernel_push": {"enabled": self.pusher.enabled,
+                                "reason": getattr(self.notifier, "store_disabled_reason", "") if self.notifier else "no kernel notifier"}}
+
+    def _remember(self, parent: int, name: bytes, ino: int) -> None:
+        if len(self.names) > 100_000:
+            self.names.clear()
+        self.names[ino] = name
+
+    def _inode_stats(self) -> Dict[int, Dict[str, float]]:
+        """Per-inode numbers for `stats --top`: daemon reads, BPF kernel counters."""
+        out: Dict[int, Dict[str, float]] = {}
+        for ino, n in self.inode_reads.items():
+            out.setdefault(ino, {})["daemon_reads"] = n
+        probe = self.kernel_probe
+        if probe is not None and probe.available:
+            try:
+                for ino, d in probe.per_inode().items():
+                    out.setdefault(ino, {}).update({f"kernel_{k}": v for k, v in d.items()})
+            except Exception as exc:
+                log.debug("per-inode BPF read failed: %s", exc)
+        out["names"] = {ino: self.names[ino] for ino in out if ino in self.names}  # type: ignore[index]
+        return out
 
     def _check_writable(self) -> None:
         if self.failsafe:
@@ -94,6 +130,7 @@ class VFS:
         """Start the background workers (deleter, heartbeat) in ``nursery``."""
         self._nursery = nursery
         self.writers.nursery = nursery
+        self.pusher.nursery = nursery
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
 
@@ -104,6 +141,7 @@ class VFS:
 
     def _on_commit(self, attr: Attr) -> None:
         ino = attr.ino
+        self.pusher.changed(ino)
         for key in [k for k in self._slices if k[0] == ino]:
             del self._slices[key]
         if ino in self.open_attrs:
@@ -174,6 +212,7 @@ class VFS:
         if parent == ROOT_INODE and name in INTERNAL_NAMES:
             return self.internal.attr(INTERNAL_NAMES[name])
         attr = await self._meta(self.engine.lookup, parent, name)
+        self._remember(parent, name, attr.ino)
         return self._with_dirty(attr)
 
     async def getattr(self, ino: int) -> Attr:
@@ -192,6 +231,8 @@ class VFS:
             # a chmod/utimens must not be overtaken by a later commit of older writes
             if changes.mtime_ns is not None:
                 await self.writers.flush(ino)
+        if changes.length is not None:
+            self.pusher.changed(ino)
         attr = await self._meta(self.engine.setattr, ino, changes)
         if changes.length is not None:
             self._on_commit(attr)
@@ -250,10 +291,10 @@ class VFS:
     async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
         """Open a file: returns (fh, keep_cache, direct_io)."""
         if is_internal(ino):
-            if flags & (os.O_WRONLY | os.O_RDWR):
+            if flags & (os.O_WRONLY | os.O_RDWR) and ino != CONTROL_INO:
                 raise FsError(errno.EACCES)
             h = self.handles.new(ino, flags, is_file=False)
-            h.content = self.internal.render(ino)
+            h.content = self.internal.render(ino) if ino != CONTROL_INO else b""
             return h.fh, False, True
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._check_writable()
@@ -274,12 +315,17 @@ class VFS:
             self.open_attrs.setdefault(ino, attr)
         keep = self.kernel_versions.get(ino) == attr.data_version
         self.kernel_versions[ino] = attr.data_version
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            self.pusher.on_open(ino, attr.length, keep)
+        elif not keep:
+            self.pusher.dropped(ino)
         return h.fh, keep, False
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Attr]:
         attr = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
         h = self.handles.new(attr.ino, flags)
+        self._remember(parent, name, attr.ino)
         self.open_attrs[attr.ino] = attr
         self.kernel_versions[attr.ino] = attr.data_version
         return h.fh, attr
@@ -287,8 +333,11 @@ class VFS:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles.get(fh)
         if h.content is not None:
+            if h.ino == CONTROL_INO:
+                return self.internal.control_status(h) if off == 0 else b""
             return h.content[off:off + size]
         ino = h.ino
+        self.inode_reads[ino] = self.inode_reads.get(ino, 0) + 1
         if self.writers.dirty_length(ino) is not None:
             await self.writers.flush(ino)
         attr = self.open_attrs.get(ino)
@@ -304,11 +353,14 @@ class VFS:
         end = off + len(data)
         if off == h.last_end or off == 0:
             h.seq_reads += 1
-            if h.seq_reads >= 2 and self._nursery is not None and end < attr.length:
-                self._nursery.start_soon(self._readahead, ino, end, attr.length)
         else:
             h.seq_reads = 0
+        sequential = h.seq_reads >= 2
         h.last_end = end
+        if self.pusher.enabled:
+            self.pusher.on_read(ino, off, len(data), attr.length, sequential)
+        elif sequential and self._nursery is not None and end < attr.length:
+            self._nursery.start_soon(self._readahead, ino, end, attr.length)
         return data
 
     async def _readahead(self, ino: int, off: int, length: int) -> None:
@@ -320,8 +372,11 @@ class VFS:
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles.get(fh)
         if h.content is not None:
+            if h.ino == CONTROL_INO:
+                return await self.internal.control_request(h, data, self)
             raise FsError(errno.EBADF)
         self._check_writable()
+        self.pusher.changed(h.ino)
         n = await self.writers.write(h.ino, off, data)
         metrics.inc("vfs_write_bytes", n)
         return n
@@ -340,6 +395,7 @@ class VFS:
             return
         if h.content is not None:
             self.handles.release(fh, is_file=False)
+            self.internal.forget(fh)
             return
         try:
             await self.writers.flush(h.ino)
@@ -351,6 +407,27 @@ class VFS:
                 del self._slices[key]
             await self._meta(self.engine.release_sustained, h.ino)
             self._delete_kick.set()
+
+    async def warmup(self, inos: list[int], kernel: bool, progress) -> None:
+        """Fetch the files' blocks into the block cache and (``kernel``) push
+        them into the page cache.  ``progress(files, bytes)`` is called as it goes."""
+        for ino in inos:
+            try:
+                attr = await self._meta(self.engine.getattr, ino)
+            except FsError:
+                progress(1, 0, error=f"inode {ino}: not found")
+                continue
+            if not attr.is_file:
+                progress(1, 0)
+                continue
+            if self.kernel_versions.get(ino) != attr.data_version:
+                # the kernel may hold an older version: let the next open drop it
+                self.kernel_versions.pop(ino, None)
+            await self.pusher.warmup(ino, attr.length, kernel and not self.pusher.blocked(ino),
+                                     lambda n: progress(0, n))
+            if kernel and self.pusher.enabled:
+                self.kernel_versions[ino] = attr.data_version
+            progress(1, 0)
 
     # ------------------------------------------------------- directories
     async def opendir(self, ino: int) -> int:

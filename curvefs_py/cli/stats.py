@@ -1,0 +1,232 @@
+"""``curvefs stats MOUNTPOINT``: live hit rates from the kernel down to S3.
+
+Reads ``MOUNTPOINT/.stats`` (the daemon's counters plus its BPF maps) and
+``.config`` — never the BPF maps themselves, so it needs no root (DESIGN §6).
+Each refresh prints one line of per-interval numbers; ``--json`` prints one
+cumulative snapshot with the same numbers; ``--top N`` lists the busiest files.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+import time
+from typing import Dict, Tuple
+
+from ..errors import QuietError
+
+OPS = ("lookup", "getattr", "read", "write", "open", "create", "readdir", "flush", "release",
+       "setattr", "unlink", "mkdir", "rename", "fsync")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stats", help="live hit rates of a mount, kernel to S3",
+                       description="Show what the kernel answered, what reached the daemon, "
+                                   "block cache and object store activity.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    p.add_argument("--top", type=int, default=0, metavar="N", help="list the N busiest files")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh interval in seconds (default 1)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default: run until Ctrl-C)")
+    p.set_defaults(func=run)
+
+
+def read_stats(mp: str) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]], Dict[int, str]]:
+    """(counters, per-inode counters, inode names) from MOUNTPOINT/.stats."""
+    path = os.path.join(mp, ".stats")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise QuietError(f"{mp} is not a curvefs mount (no .stats)", 6) from None
+    except OSError as exc:
+        raise QuietError(f"{mp}: {exc.strerror}", 6) from None
+    counters: Dict[str, float] = {}
+    inodes: Dict[int, Dict[str, float]] = {}
+    names: Dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# name "):
+            _, _, ino, rest = line.split(" ", 3)
+            try:
+                names[int(ino)] = ast.literal_eval(rest)
+            except (ValueError, SyntaxError):
+                names[int(ino)] = rest
+            continue
+        if not line or line.startswith("#"):
+            continue
+        key, _, val = line.rpartition(" ")
+        try:
+            v = float(val)
+        except ValueError:
+            continue
+        if key.startswith("inode."):
+            _, ino, name = key.split(".", 2)
+            inodes.setdefault(int(ino), {})[name] = v
+        else:
+            counters[key] = v
+    return counters, inodes, names
+
+
+def read_config(mp: str) -> dict:
+    try:
+        with open(os.path.join(mp, ".config")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _ratio(hit: float, total: float):
+    return None if total <= 0 else max(0.0, min(1.0, hit / total))
+
+
+def derive(c: Dict[str, float]) -> Dict[str, object]:
+    """Numbers every view shows, from counters (cumulative or per-interval deltas)."""
+    g = c.get
+    bpf = g("kernel_bpf_available", 0) >= 1
+    d: Dict[str, object] = {"kernel_bpf_available": bpf}
+    daemon_reads = g("fuse_op_read_count", 0)
+    daemon_read_pages = g("vfs_read_bytes", 0) / 4096
+    d["daemon_read_requests"] = daemon_reads
+    d["daemon_read_pages"] = daemon_read_pages
+    if bpf:
+        calls, pages = g("kernel_read_calls", 0), g("kernel_read_pages", 0)
+        d["kernel_read_calls"] = calls
+        d["kernel_read_pages"] = pages
+        d["kernel_read_hit_rate_calls"] = _ratio(calls - g("kernel_fuse_requests_READ", daemon_reads), calls)
+        d["kernel_read_hit_rate_pages"] = _ratio(pages - g("kernel_fuse_read_bytes", 0) / 4096, pages)
+        stats = g("kernel_stat_calls", 0)
+        attr_req = g("kernel_fuse_requests_GETATTR", 0) + g("kernel_fuse_requests_LOOKUP", 0)
+        d["kernel_stat_calls"] = stats
+        d["daemon_attr_requests"] = attr_req
+        d["attr_cache_hit_rate"] = _ratio(stats - attr_req, stats)
+        d["kernel_pages_resident"] = g("kernel_pages_resident", 0)
+        d["kernel_pages_evicted"] = g("kernel_pages_deleted", 0)
+    else:
+        for k in ("kernel_read_calls", "kernel_read_pages", "kernel_read_hit_rate_calls",
+                  "kernel_read_hit_rate_pages", "kernel_stat_calls", "attr_cache_hit_rate",
+                  "kernel_pages_resident", "kernel_pages_evicted"):
+            d[k] = None
+        d["daemon_attr_requests"] = g("fuse_op_getattr_count", 0) + g("fuse_op_lookup_count", 0)
+    ops = {}
+    for op in OPS:
+        n = g(f"fuse_op_{op}_count", 0)
+        if n:
+            ops[op] = {"count": n, "avg_latency_us": g(f"fuse_op_{op}_us_sum", 0) / n}
+    d["daemon_ops"] = ops
+    mem, disk, miss = g("cache_mem_hits", 0), g("cache_disk_hits", 0), g("cache_misses", 0)
+    d["block_cache"] = {"mem_hits": mem, "disk_hits": disk, "misses": miss,
+                        "hit_rate": _ratio(mem + disk, mem + disk + miss),
+                        "mem_bytes": g("cache_mem_bytes", 0), "disk_bytes": g("cache_disk_bytes", 0)}
+    obj = {}
+    for op in ("get", "put", "delete", "head", "list"):
+        n = g(f"object_{op}_count", 0)
+        obj[op] = {"count": n, "avg_latency_ms": (g(f"object_{op}_us_sum", 0) / n / 1000) if n else None}
+    obj["get_bytes"] = g("object_get_bytes", 0)
+    obj["put_bytes"] = g("object_put_bytes", 0)
+    obj["retries"] = g("object_retries", 0)
+    obj["errors"] = g("object_errors", 0)
+    d["object_store"] = obj
+    d["pusher"] = {"pushed_bytes": g("pusher_pushed_bytes", 0),
+                   "repushed_bytes": g("pusher_repushed_bytes", 0),
+                   "evicted_reads": g("pusher_evicted_reads", 0),
+                   "budget_skips": g("pusher_budget_skips", 0),
+                   "errors": g("pusher_errors", 0) + g("kernel_push_errors", 0)}
+    return d
+
+
+def top_files(inodes: Dict[int, Dict[str, float]], names: Dict[int, str], n: int) -> list[dict]:
+    rows = []
+    for ino, d in inodes.items():
+        calls = d.get("kernel_read_calls", 0)
+        daemon = d.get("daemon_reads", 0)
+        rows.append({"ino": ino, "name": names.get(ino, ""), "kernel_read_calls": calls,
+                     "daemon_reads": daemon,
+                     "kernel_hit_rate": _ratio(calls - daemon, calls) if "kernel_read_calls" in d else None,
+                     "resident_mib": d.get("kernel_resident_pages", 0) * 4096 / (1 << 20)})
+    rows.sort(key=lambda r: -(r["kernel_read_calls"] + r["daemon_reads"]))
+    return rows[:n]
+
+
+def _pct(v) -> str:
+    return "   -" if v is None else f"{v * 100:3.0f}%"
+
+
+def _num(v: float) -> str:
+    v = float(v or 0)
+    for unit in ("", "K", "M", "G"):
+        if abs(v) < 1000:
+            return f"{v:.0f}{unit}" if unit == "" or v >= 10 else f"{v:.1f}{unit}"
+        v /= 1000
+    return f"{v:.0f}T"
+
+
+def _bytes(v: float) -> str:
+    v = float(v or 0)
+    for unit in ("B", "K", "M", "G"):
+        if abs(v) < 1024:
+            return f"{v:.0f}{unit}" if v >= 10 or unit == "B" else f"{v:.1f}{unit}"
+        v /= 1024
+    return f"{v:.1f}T"
+
+
+HEADER = ("time     | kernel READ       | attr cache        | daemon      | block cache    "
+          "| object store              | push")
+SUB = ("         | calls  daemon hit | stats  req    hit | ops/s  lat  | mem  disk miss "
+       "| get  put  MB/s  ms   retry | MB   evict")
+
+
+def _line(dt: float, delta: Dict[str, float]) -> str:
+    d = derive(delta)
+    ops = sum(v["count"] for v in d["daemon_ops"].values())
+    lat = (sum(v["count"] * v["avg_latency_us"] for v in d["daemon_ops"].values()) / ops) if ops else 0
+    bc, ob, pu = d["block_cache"], d["object_store"], d["pusher"]
+    get_ms = ob["get"]["avg_latency_ms"]
+    mbps = (ob["get_bytes"] + ob["put_bytes"]) / (1 << 20) / dt
+    return (f"{time.strftime('%H:%M:%S')} | "
+            f"{_num((d['kernel_read_calls'] or 0) / dt):>5} {_num(d['daemon_read_requests'] / dt):>6} {_pct(d['kernel_read_hit_rate_calls'])} | "
+            f"{_num((d['kernel_stat_calls'] or 0) / dt):>5} {_num(d['daemon_attr_requests'] / dt):>5} {_pct(d['attr_cache_hit_rate'])} | "
+            f"{_num(ops / dt):>5} {lat:4.0f}us | "
+            f"{_num(bc['mem_hits'] / dt):>4} {_num(bc['disk_hits'] / dt):>4} {_num(bc['misses'] / dt):>4} | "
+            f"{_num(ob['get']['count'] / dt):>4} {_num(ob['put']['count'] / dt):>4} {mbps:5.1f} "
+            f"{(get_ms or 0):4.1f} {_num(ob['retries']):>5} | "
+            f"{pu['pushed_bytes'] / (1 << 20) / dt:4.0f} {_num((d['kernel_pages_evicted'] or 0) / dt):>5}")
+
+
+def run(args) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    counters, inodes, names = read_stats(mp)
+    cfg = read_config(mp)
+    bpf = cfg.get("kernel_bpf", {})
+    if args.json:
+        out = {"mountpoint": mp, "time": counters.get("time_unix_s"),
+               "kernel_bpf": bpf, "kernel_push": cfg.get("kernel_push", {}),
+               "derived": derive(counters), "counters": counters,
+               "top_files": top_files(inodes, names, args.top or 20)}
+        json.dump(out, sys.stdout, indent=1, sort_keys=True)
+        print()
+        return 0
+    if not bpf.get("available", False):
+        print(f"kernel counters unavailable: {bpf.get('reason', 'unknown')} (kernel columns show '-')")
+    print(HEADER)
+    print(SUB)
+    prev, t_prev = counters, time.monotonic()
+    n = 0
+    try:
+        while not args.count or n < args.count:
+            time.sleep(args.interval)
+            cur, inodes, names = read_stats(mp)
+            now = time.monotonic()
+            delta = {k: v - prev.get(k, 0) for k, v in cur.items()}
+            delta["kernel_bpf_available"] = cur.get("kernel_bpf_available", 0)
+            print(_line(max(now - t_prev, 1e-6), delta), flush=True)
+            if args.top:
+                print(f"  {'ino':>10} {'kernel reads':>12} {'daemon':>8} {'hit':>5} {'resident':>9}  name")
+                for r in top_files(inodes, names, args.top):
+                    print(f"  {r['ino']:>10} {_num(r['kernel_read_calls']):>12} {_num(r['daemon_reads']):>8} "
+                          f"{_pct(r['kernel_hit_rate']):>5} {r['resident_mib']:8.1f}M  {r['name']}")
+            prev, t_prev = cur, now
+            n += 1
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,233 @@
+"""Bad input to the CLI: one line on stderr, a documented non-zero exit code, never a traceback.
+
+Exit codes (errors.QuietError): 3 bad URL/argument, 4 storage unreachable / missing bucket /
+bad credentials, 5 volume exists (format) or not formatted (mount), 6 mountpoint problems.
+Storage failures must be reported within seconds (the format/mount probe uses a quick
+retry policy), never after the 30 s data-path deadline.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import servers
+from mounthelper import CLI, ROOT, is_mounted
+
+#: an unreachable or hanging endpoint must be reported within this many seconds
+PROBE_LIMIT_S = 10.0
+
+
+def run(*args: str, timeout: float = 60) -> tuple[int, str, float]:
+    """``curvefs ARGS`` → (exit code, stderr, seconds)."""
+    t0 = time.monotonic()
+    r = subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=ROOT,
+                       stdin=subprocess.DEVNULL, timeout=timeout)
+    return r.returncode, r.stderr, time.monotonic() - t0
+
+
+def fails(args, code: int | None = None, *, contains: str = "", within: float | None = None) -> str:
+    """Run the CLI; assert a one-line error (optionally exit ``code``, text, time limit)."""
+    rc, err, took = run(*args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc != 0, f"curvefs {' '.join(args)} succeeded: {err!r}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("curvefs "), lines[0]
+    if code is not None:
+        assert rc == code, f"exit {rc} (expected {code}): {lines[0]}"
+    if contains:
+        assert contains.lower() in lines[0].lower(), lines[0]
+    if within is not None:
+        assert took < within, f"took {took:.1f}s (limit {within}s): {lines[0]}"
+    return lines[0]
+
+
+def sqlite(tmp_path, name="vol") -> str:
+    return f"sqlite3://{tmp_path}/{name}-{uuid.uuid4().hex[:6]}.db"
+
+
+# ----------------------------------------------------------------------------- META_URL
+@pytest.mark.parametrize("cmd", ["format", "mount"])
+def test_unknown_meta_scheme(tmp_path, cmd):
+    args = ["format", "mysql://h/db", "v"] if cmd == "format" else ["mount", "mysql://h/db", str(tmp_path)]
+    fails(args, 3, contains="scheme")
+
+
+def test_sqlite_in_missing_directory(tmp_path):
+    missing = tmp_path / "no" / "such"
+    fails(["format", f"sqlite3://{missing}/v.db", "v", "--bucket", str(tmp_path / "o")], 3,
+          contains="does not exist")
+    assert not missing.exists()
+
+
+def test_bad_block_size_and_name(tmp_path):
+    fails(["format", sqlite(tmp_path), "v", "--block-size", "3M"], 3, contains="block-size")
+    fails(["format", sqlite(tmp_path), "a/b"], 3, contains="name")
+    fails(["format", sqlite(tmp_path), "v", "--block-size", "lots"], 3, contains="size")
+
+
+# ------------------------------------------------------------------------------ storage
+def s3_args(tmp_path, url, key="testing", secret="testing", meta=None):
+    return ["format", meta or sqlite(tmp_path), "v", "--storage", "s3", "--bucket", url,
+            "--access-key", key, "--secret-key", secret]
+
+
+def test_s3_closed_port(tmp_path):
+    url = f"http://127.0.0.1:{servers.free_port()}/bucket"
+    fails(s3_args(tmp_path, url), 4, contains="unreachable", within=PROBE_LIMIT_S)
+
+
+def test_s3_blackhole(tmp_path):
+    with servers.Blackhole() as bh:
+        fails(s3_args(tmp_path, f"{bh.endpoint}/bucket"), 4, within=PROBE_LIMIT_S)
+
+
+def test_s3_bad_url(tmp_path):
+    fails(s3_args(tmp_path, "ftp://127.0.0.1/b"), 3, contains="storage URL")
+    fails(s3_args(tmp_path, "http://127.0.0.1:9/"), 3, contains="bucket")
+
+
+def test_s3_missing_bucket(tmp_path, s3):
+    fails(s3_args(tmp_path, s3.url(f"missing{uuid.uuid4().hex[:8]}"), s3.access_key, s3.secret_key),
+          4, contains="does not exist", within=PROBE_LIMIT_S)
+
+
+@pytest.fixture(scope="module")
+def s3_auth(tmp_path_factory):
+    srv = servers.start_s3_server(tmp_path_factory.mktemp("s3auth"), auth=True)
+    yield srv
+    srv.stop()
+
+
+def test_s3_wrong_credentials(tmp_path, s3_auth):
+    url = s3_auth.create_bucket(f"b{uuid.uuid4().hex[:10]}")
+    fails(s3_args(tmp_path, url, "AKIAWRONGWRONGWRONG1", s3_auth.secret_key), 4,
+          contains="access denied", within=PROBE_LIMIT_S)
+    fails(s3_args(tmp_path, url, s3_auth.access_key, "not-the-secret"), 4,
+          contains="access denied", within=PROBE_LIMIT_S)
+    fails(s3_args(tmp_path, url, s3_auth.access_key, ""), None, within=PROBE_LIMIT_S)
+    # and the right ones work against the same server
+    rc, err, _ = run(*s3_args(tmp_path, url, s3_auth.access_key, s3_auth.secret_key))
+    assert rc == 0, err
+
+
+def test_mount_when_s3_is_gone(mounts, tmp_path):
+    """A formatted S3 volume whose server has stopped: mount -d fails fast with exit 4."""
+    srv = servers.start_s3_server(tmp_path / "s3gone")
+    try:
+        url = srv.create_bucket("gone")
+        meta = sqlite(tmp_path)
+        rc, err, _ = run(*s3_args(tmp_path, url, srv.access_key, srv.secret_key, meta=meta))
+        assert rc == 0, err
+    finally:
+        srv.stop()
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    fails(["mount", "-d", meta, str(mp), "--cache-dir", str(tmp_path / "c"), "--log", str(tmp_path / "l")],
+          4, contains="unreachable", within=PROBE_LIMIT_S + 5)
+    assert not is_mounted(str(mp))
+
+
+# ------------------------------------------------------------------------------- format
+def test_format_existing_needs_force(tmp_path):
+    meta = sqlite(tmp_path)
+    objs = str(tmp_path / "objs")
+    rc, err, _ = run("format", meta, "v", "--bucket", objs)
+    assert rc == 0, err
+    fails(["format", meta, "v", "--bucket", objs], 5, contains="--force")
+    rc, err, _ = run("format", meta, "v2", "--bucket", objs, "--force")
+    assert rc == 0 and not err.strip(), err
+    # block size of an existing volume cannot change: kept, not an error or a traceback
+    rc, err, _ = run("format", meta, "v2", "--bucket", objs, "--force", "--block-size", "64K")
+    assert rc == 0 or (len(err.strip().splitlines()) == 1 and "Traceback" not in err), err
+
+
+# -------------------------------------------------------------------------------- mount
+def mount_args(meta, mp, tmp_path, *extra):
+    return ["mount", meta, str(mp), "--cache-dir", str(tmp_path / "cache"),
+            "--log", str(tmp_path / "mount.log"), *extra]
+
+
+@pytest.fixture
+def file_volume(tmp_path):
+    meta = sqlite(tmp_path)
+    rc, err, _ = run("format", meta, "v", "--bucket", str(tmp_path / "objs"))
+    assert rc == 0, err
+    return meta
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_mount_missing_mountpoint(tmp_path, file_volume, background):
+    extra = ["-d"] if background else []
+    fails(mount_args(file_volume, tmp_path / "nope", tmp_path, *extra), 6, contains="does not exist")
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_mount_on_a_file(tmp_path, file_volume, background):
+    f = tmp_path / "plainfile"
+    f.write_bytes(b"x")
+    extra = ["-d"] if background else []
+    fails(mount_args(file_volume, f, tmp_path, *extra), 6, contains="not a directory")
+
+
+def test_mount_busy_mountpoint(mounts, tmp_path):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    for extra in ([], ["-d"]):
+        fails(mount_args(meta, m.path, tmp_path, *extra), 6, contains="busy")
+    # the first mount is untouched
+    with open(os.path.join(m.path, "still"), "wb") as f:
+        f.write(b"ok")
+    assert os.listdir(m.path) == ["still"]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_mount_unformatted(tmp_path, background):
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    meta = sqlite(tmp_path)
+    extra = ["-d"] if background else []
+    fails(mount_args(meta, mp, tmp_path, *extra), 5, contains="format")
+    assert not os.path.exists(meta.split("://", 1)[1]), "mount created an empty database"
+    assert not is_mounted(str(mp))
+
+
+def test_mount_d_storage_gone(tmp_path, file_volume):
+    shutil.rmtree(tmp_path / "objs")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    msg = fails(mount_args(file_volume, mp, tmp_path, "-d"), 4, within=PROBE_LIMIT_S)
+    assert "objs" in msg and "does not exist" in msg, msg
+    assert not is_mounted(str(mp))
+
+
+def test_mount_bad_option_values(tmp_path, file_volume):
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    fails(mount_args(file_volume, mp, tmp_path, "--cache-size", "huge"), 3, contains="size")
+    rc, err, _ = run(*mount_args(file_volume, mp, tmp_path, "--attr-timeout", "soon"))
+    assert rc == 2 and "Traceback" not in err  # argparse: usage + one error line
+
+
+# ------------------------------------------------------------------------------- umount
+def test_umount_not_mounted(tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    fails(["umount", str(d)], 6, contains="not mounted")
+    fails(["umount", str(tmp_path / "missing")], 6, contains="does not exist")
+
+
+def test_umount_busy(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    fd = os.open(os.path.join(m.path, "held"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        fails(["umount", m.path], 6, contains="busy")
+        assert is_mounted(m.path)
+    finally:
+        os.close(fd)

@@ -1,0 +1,229 @@
+"""Random file I/O through a real mount, checked byte for byte against a file on local disk.
+
+A Hypothesis ``RuleBasedStateMachine`` drives one file per example with pwrite (0..300 KiB,
+offsets up to 20 MiB and around the 64 MiB chunk boundary), ftruncate up and down, fsync,
+close + reopen, posix_fadvise(DONTNEED) (so reads reach the daemon instead of the page cache)
+and pread through the same or a fresh descriptor.  The same calls go to a reference file in
+the test's tmp dir; every read, the size after every step and the whole file at the end must
+match.  The volume uses 64 KiB blocks so that writes cross many block boundaries.
+
+Shrunk failures are pinned below as ``test_regression_*`` (op lists replayed by ``replay``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+KiB, MiB = 1 << 10, 1 << 20
+BS = 64 * KiB  # the volume's block size (format --block-size 64K)
+CHUNK = 64 * MiB  # curvefs_py.CHUNK_SIZE
+
+offsets = st.one_of(
+    st.integers(0, 20 * MiB),
+    # near a block boundary
+    st.builds(lambda b, d: max(0, b * BS + d), st.integers(0, 20 * MiB // BS), st.integers(-70, 70)),
+    # around the end of the first chunk
+    st.integers(CHUNK - 400 * KiB, CHUNK + 300 * KiB),
+)
+sizes = st.one_of(st.integers(0, 4 * KiB), st.integers(0, 300 * KiB),
+                  st.sampled_from([BS - 1, BS, BS + 1, 2 * BS, 4 * BS + 7]))
+lengths = st.one_of(st.integers(0, 20 * MiB), offsets, st.just(0))
+
+_names = itertools.count()
+
+
+def payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def compare_files(fd_a: int, fd_b: int, size: int, what: str) -> None:
+    """Assert that both descriptors hold the same ``size`` bytes (reads in 1 MiB pieces)."""
+    off = 0
+    while off < size:
+        n = min(MiB, size - off)
+        a, b = os.pread(fd_a, n, off), os.pread(fd_b, n, off)
+        if a != b:
+            i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+            raise AssertionError(f"{what}: first difference at byte {off + i} "
+                                 f"(mount has {len(a)} bytes here, reference {len(b)})")
+        off += n
+    assert os.pread(fd_a, 1, size) == b"", f"{what}: mount has bytes past {size}"
+
+
+class Model:
+    """One file on the mount and its reference twin; every op is applied to both."""
+
+    def __init__(self, mount_dir: str, ref_dir: str):
+        name = f"f{next(_names)}"
+        self.path = os.path.join(mount_dir, name)
+        self.ref_path = os.path.join(ref_dir, name)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+        self.ref = os.open(self.ref_path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+        self.size = 0
+
+    # -- ops (also the vocabulary of the pinned regressions)
+    def write(self, off: int, size: int, seed: int) -> None:
+        data = payload(seed, size)
+        assert os.pwrite(self.fd, data, off) == size
+        os.pwrite(self.ref, data, off)
+        if size:
+            self.size = max(self.size, off + size)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+        os.ftruncate(self.ref, length)
+        self.size = length
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def reopen(self) -> None:
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    def drop_cache(self) -> None:
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read(self, off: int, size: int) -> None:
+        got, want = os.pread(self.fd, size, off), os.pread(self.ref, size, off)
+        assert got == want, self._diff("pread", off, got, want)
+
+    def read_fresh(self, off: int, size: int) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+        want = os.pread(self.ref, size, off)
+        assert got == want, self._diff("pread (fresh fd)", off, got, want)
+
+    # -- checks
+    def check_size(self) -> None:
+        assert os.fstat(self.fd).st_size == self.size, "fstat size"
+        assert os.fstat(self.ref).st_size == self.size  # the model itself
+
+    def check_all(self) -> None:
+        self.check_size()
+        compare_files(self.fd, self.ref, self.size, "open descriptor")
+        os.close(self.fd)
+        self.fd = -1
+        assert os.stat(self.path).st_size == self.size, "size after close"
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            compare_files(fd, self.ref, self.size, "after close, cache dropped")
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        os.close(self.ref)
+        os.unlink(self.path)
+        os.unlink(self.ref_path)
+
+    @staticmethod
+    def _diff(what: str, off: int, got: bytes, want: bytes) -> str:
+        n = min(len(got), len(want))
+        i = next((k for k in range(n) if got[k] != want[k]), n)
+        return (f"{what} at {off}: {len(got)} bytes, expected {len(want)}; "
+                f"first difference at file offset {off + i}")
+
+
+class FileMachine(RuleBasedStateMachine):
+    mount_dir = ""
+    ref_dir = ""
+
+    @initialize()
+    def start(self):
+        self.m = Model(self.mount_dir, self.ref_dir)
+
+    @rule(off=offsets, size=sizes, seed=st.integers(0, 2**32))
+    def write(self, off, size, seed):
+        self.m.write(off, size, seed)
+
+    @rule(length=lengths)
+    def truncate(self, length):
+        self.m.truncate(length)
+
+    @rule()
+    def fsync(self):
+        self.m.fsync()
+
+    @rule()
+    def reopen(self):
+        self.m.reopen()
+
+    @rule()
+    def drop_cache(self):
+        self.m.drop_cache()
+
+    @rule(off=offsets, size=sizes)
+    def read(self, off, size):
+        self.m.read(off, size)
+
+    @rule(off=offsets, size=sizes)
+    def read_fresh(self, off, size):
+        self.m.read_fresh(off, size)
+
+    @invariant()
+    def size_matches(self):
+        if hasattr(self, "m"):
+            self.m.check_size()
+
+    def teardown(self):
+        if hasattr(self, "m"):
+            try:
+                self.m.check_all()
+            finally:
+                self.m.close()
+
+
+SETTINGS = settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", 25)), stateful_step_count=30, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+@pytest.fixture
+def small_blocks(mounts, tmp_path):
+    meta = mounts.format("file", extra=["--block-size", "64K"])
+    m = mounts.mount(meta)
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    return m.path, str(ref)
+
+
+def test_random_io_matches_local_file(small_blocks):
+    FileMachine.mount_dir, FileMachine.ref_dir = small_blocks
+    run_state_machine_as_test(FileMachine, settings=SETTINGS)
+
+
+@pytest.fixture
+def small_blocks_s3(mounts, tmp_path):
+    meta = mounts.format("s3", extra=["--block-size", "64K"])
+    m = mounts.mount(meta)
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    return m.path, str(ref)
+
+
+def test_random_io_matches_local_file_s3(small_blocks_s3):
+    FileMachine.mount_dir, FileMachine.ref_dir = small_blocks_s3
+    run_state_machine_as_test(FileMachine, settings=settings(SETTINGS, max_examples=8))
+
+
+# ------------------------------------------------------------------ pinned regressions
+def replay(dirs, ops) -> None:
+    m = Model(*dirs)
+    try:
+        for op, *args in ops:
+            getattr(m, op)(*args)
+            m.check_size()
+        m.check_all()
+    finally:
+        m.close()
