@@ -88,8 +88,21 @@ class Mount:
 
     def stats(self) -> dict:
         out = {}
-        with open(os.path.join(self.path, ".stats")) as f:
-            for line in f:
+        # os.open + os.read: Python's open() would fstat the file and add a stat call
+        fd = os.open(os.path.join(self.path, ".stats"), os.O_RDONLY)
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(fd)
+        if True:
+            for line in b"".join(chunks).decode().splitlines():
+                if line.startswith("#") or not line.strip():
+                    continue
                 k, _, v = line.rpartition(" ")
                 out[k] = float(v)
         return out

@@ -375,22 +375,32 @@ def _requests(before: dict, after: dict, op: Optional[str] = None) -> Optional[f
     return sum(v - ops_before.get(k, 0.0) for k, v in ops_after.items())
 
 
-def derive_stats(before: Optional[dict], after: Optional[dict], job: Job, ops: int) -> dict:
-    """``{kernel_hit, rt_per_op, delta}`` from two flat snapshots; None where unknown."""
+def derive_stats(before: Optional[dict], after: Optional[dict], job: Job, ops: int,
+                 overhead: Optional[dict] = None) -> dict:
+    """``{kernel_hit, rt_per_op, delta}`` from two flat snapshots; None where unknown.
+
+    ``overhead`` is the delta of two back-to-back snapshots (reading the counters through
+    the mount costs a few requests of its own); it is subtracted from the job's delta."""
     out: dict = {"kernel_hit": None, "rt_per_op": None, "delta": {}}
     if before is None or after is None:
         return out
+    if overhead:
+        after = {k: (v - overhead.get(k, 0.0) if isinstance(v, (int, float)) else v)
+                 for k, v in after.items()}
     out["delta"] = {k: after[k] - before.get(k, 0) for k in after
                     if isinstance(after[k], (int, float)) and "time_unix" not in k
                     and after[k] - before.get(k, 0) != 0 and "_us_bucket_" not in k}
     reqs = _requests(before, after)
     if reqs is not None and ops:
-        out["rt_per_op"] = reqs / ops
+        out["rt_per_op"] = max(0.0, reqs) / ops
     bpf = bool(_get(after, "kernel_bpf_available"))
     if job.hit == "read" and bpf:
-        calls, reads = _delta(before, after, "kernel_read_calls"), _requests(before, after, "read")
-        if calls and reads is not None:
-            out["kernel_hit"] = max(0.0, 1.0 - reads / calls)
+        # by pages: pages the readers asked the page cache for vs. pages the daemon sent
+        # (READ replies); pages pushed ahead with notify_store count as hits
+        pages = _delta(before, after, "kernel_read_pages")
+        fetched = _delta(before, after, "kernel_fuse_read_bytes")
+        if pages and fetched is not None:
+            out["kernel_hit"] = min(1.0, max(0.0, 1.0 - (fetched / 4096.0) / pages))
     elif job.hit == "attr" and bpf:
         calls = _delta(before, after, "kernel_stat_calls")
         getattr_ = _requests(before, after, "getattr")
@@ -497,6 +507,9 @@ def _run_fio(jobfile: Path, env: dict, out_json: Path, timeout: float,
         except ValueError:
             doc = None
     errs = [ln for ln in (err or "").splitlines() if ln.strip()]
+    first = [ln for ln in errs if "err=" in ln or "error" in ln.lower()]
+    if first:
+        errs = first[:1]
     if proc.returncode != 0:
         return doc, (errs[-1] if errs else f"fio exited with {proc.returncode}")
     if doc is None:
@@ -559,6 +572,13 @@ def run_job(target: Target, job: Job, params: Params, workdir: Path,
         res.reason = f"before the job: {exc}"
         return res
     before = target.stats()
+    overhead = None
+    if before is not None:          # what reading the counters costs by itself
+        again = target.stats()
+        if again is not None:
+            overhead = {k: v - before.get(k, 0.0) for k, v in again.items()
+                        if isinstance(v, (int, float)) and "time_unix" not in k}
+            before = again
     doc, err = _run_fio(jobfile, env, out_json, params.runtime * 3 + params.timeout_slack)
     after = target.stats() if before is not None else None
     if doc is not None:
@@ -582,7 +602,7 @@ def run_job(target: Target, job: Job, params: Params, workdir: Path,
     if res.ops == 0:
         res.reason = "fio did no I/O"
         return res
-    d = derive_stats(before, after, job, res.ops)
+    d = derive_stats(before, after, job, res.ops, overhead)
     res.kernel_hit, res.rt_per_op, res.stats_delta = d["kernel_hit"], d["rt_per_op"], d["delta"]
     if before is None:
         res.stats_note = target.stats_reason()

@@ -125,16 +125,28 @@ class System:
                 raise RuntimeError(f"{self.name} did not mount within {self.mount_timeout:.0f}s: "
                                    f"{_tail(self.log)}")
             time.sleep(0.05)
+        self.after_mount()
+
+    def after_mount(self) -> None:
+        """Wait until the mount is fully up (e.g. its counters are loaded)."""
+
+    def before_unmount(self) -> None:
+        """Wait until the mount has written back what it holds (asynchronous uploads)."""
 
     def unmount(self) -> None:
         """Unmount and wait for the daemon to exit; kill and lazy-unmount if it does not."""
         err = ""
+        if is_mounted(self.mountpoint) and self.proc is not None and self.proc.poll() is None:
+            try:
+                self.before_unmount()
+            except Exception as exc:   # best effort: unmount anyway
+                err = f"before unmount: {exc}"
         if is_mounted(self.mountpoint):
             try:
                 p = subprocess.run(self.umount_argv(), capture_output=True, text=True,
                                    timeout=self.umount_timeout, env=self.env())
                 if p.returncode != 0:
-                    err = (p.stderr or p.stdout).strip()[-200:]
+                    err = (p.stderr or p.stdout).strip()[-200:] or f"exit {p.returncode}"
             except (OSError, subprocess.TimeoutExpired) as exc:
                 err = str(exc)
         if self.proc is not None:
@@ -242,6 +254,25 @@ class Curvefs(System):
     def stats_argv(self) -> Optional[list[str]]:
         return curvefs_argv("stats", str(self.mountpoint), "--json")
 
+    _bpf_seen: Optional[bool] = None
+
+    def after_mount(self) -> None:
+        """The daemon loads its eBPF counters a second or two after the mount is up; wait
+        for them (once we saw a mount without them, do not wait again)."""
+        if self._bpf_seen is False:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                text = (self.mountpoint / ".stats").read_text()
+            except OSError:
+                break
+            if "kernel_bpf_available" in text:
+                self._bpf_seen = True
+                return
+            time.sleep(0.2)
+        self._bpf_seen = False
+
     def version(self) -> str:
         from .. import __version__
         return f"curvefs_py {__version__}"
@@ -275,17 +306,44 @@ class S3fs(System):
 
 
 class Rclone(System):
+    """``--vfs-cache-mode full`` uploads after close, in the background; an unmount with
+    uploads pending loses them.  The mount runs rclone's remote control on loopback, and
+    ``before_unmount`` waits until ``vfs/stats`` shows no upload in progress or queued."""
+
     name = "rclone"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.cache_dir = self.workdir / "cache"
+        self.rc_port = 0
+
+    def before_unmount(self) -> None:
+        import json as _json
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            p = subprocess.run(["rclone", "rc", "--url", f"http://127.0.0.1:{self.rc_port}/",
+                                "vfs/stats"], capture_output=True, text=True, timeout=30,
+                               env=self.env())
+            if p.returncode != 0:
+                raise RuntimeError(f"rclone rc vfs/stats: {(p.stderr or p.stdout).strip()[-200:]}")
+            dc = _json.loads(p.stdout).get("diskCache", {})
+            if not dc.get("uploadsInProgress") and not dc.get("uploadsQueued"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("rclone still uploading after 600s")
 
     def missing(self) -> str:
         return "" if shutil.which("rclone") else "rclone is not installed (apt-get install rclone)"
 
     def mount_argv(self) -> list[str]:
+        if not self.rc_port:
+            import socket
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                self.rc_port = sk.getsockname()[1]
         return ["rclone", "mount", f":s3:{self.bucket}", str(self.mountpoint),
+                "--rc", "--rc-addr", f"127.0.0.1:{self.rc_port}", "--rc-no-auth",
+                "--vfs-write-back", "0s",
                 "--config", str(self.workdir / "rclone.conf"),
                 "--s3-provider", "Other", "--s3-endpoint", self.endpoint,
                 "--s3-access-key-id", self.access_key, "--s3-secret-access-key", self.secret_key,

@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 def _guard(fn):
     name = fn.__name__
     mname = f"fuse_op_{name}"
+    iname = f"fuse_internal_{name}"
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
         t0 = time.perf_counter()
+        # requests for .stats/.config/.control are counted apart, so that reading
+        # the counters does not show up in them (stats subtracts them from BPF's)
+        internal = self.vfs.is_internal_request(name, args)
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -51,7 +55,10 @@ def _guard(fn):
             log.exception("%s%r failed unexpectedly", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            metrics.observe_us(mname, (time.perf_counter() - t0) * 1e6)
+            if internal:
+                metrics.inc(iname + "_count")
+            else:
+                metrics.observe_us(mname, (time.perf_counter() - t0) * 1e6)
 
     return wrapper
 

@@ -102,6 +102,20 @@ class VFS:
                 "kernel_push": {"enabled": self.pusher.enabled,
                                 "reason": getattr(self.notifier, "store_disabled_reason", "") if self.notifier else "no kernel notifier"}}
 
+    def is_internal_request(self, op: str, args: tuple) -> bool:
+        """Whether a FUSE request concerns a virtual file (.stats, .config, .control)."""
+        if not args:
+            return False
+        first = args[0]
+        if op == "lookup":
+            return first == ROOT_INODE and len(args) > 1 and args[1] in INTERNAL_NAMES
+        if op in ("read", "write", "flush", "release", "fsync"):
+            h = self.handles.by_fh.get(first)
+            return h is not None and h.content is not None
+        if op in ("getattr", "open", "setattr", "getxattr", "listxattr", "access"):
+            return isinstance(first, int) and is_internal(first)
+        return False
+
     def _remember(self, parent: int, name: bytes, ino: int) -> None:
         if len(self.names) > 100_000:
             self.names.clear()

@@ -1,0 +1,223 @@
+"""The kernel fast path through a real mount: page cache and attr cache answer, the daemon is not woken.
+
+Counters come from the daemon (``.stats``: ``fuse_op_*``) and from its BPF
+maps (``kernel_*``), read before and after a known workload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+
+import pytest
+
+from mounthelper import cli
+
+MiB = 1 << 20
+
+
+def wait_bpf(m, timeout=90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(os.path.join(m.path, ".config")) as f:
+            cfg = json.load(f)
+        b = cfg["kernel_bpf"]
+        if b["available"]:
+            return cfg
+        if b["reason"] not in ("not loaded", ""):
+            pytest.skip(f"BPF unavailable here: {b['reason']}")
+        time.sleep(0.3)
+    raise AssertionError("BPF probes did not load in time")
+
+
+def delta(before: dict, after: dict, key: str) -> float:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def kdelta(before: dict, after: dict, op: str) -> float:
+    """Requests of opcode ``op`` the kernel sent to the daemon between two
+    snapshots, without those made by reading ``.stats`` itself."""
+    return delta(before, after, f"kernel_fuse_requests_{op}") - \
+        delta(before, after, f"fuse_internal_{op.lower()}_count")
+
+
+def make_file(path: str, size: int, seed: int = 1) -> bytes:
+    rnd = random.Random(seed)
+    data = rnd.randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def test_warmup_then_random_reads_never_reach_daemon(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    f = os.path.join(m.path, "f64")
+    data = make_file(f, 64 * MiB)
+    m.stop()
+    m.start()  # empty page cache, warm block cache
+    wait_bpf(m)
+    r = cli("warmup", f)
+    assert "warmed up 1 files" in r.stdout
+    before = m.stats()
+    fd = os.open(f, os.O_RDONLY)
+    rnd = random.Random(7)
+    try:
+        for _ in range(10_000):
+            off = rnd.randrange(0, 64 * MiB // 4096) * 4096
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    after = m.stats()
+    assert delta(before, after, "fuse_op_read_count") == 0
+    assert kdelta(before, after, "READ") == 0
+    # the BPF page-cache counter saw every one of them
+    assert delta(before, after, "kernel_read_calls") >= 10_000
+
+
+def test_push_on_open_after_remount(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    f = os.path.join(m.path, "f")
+    data = make_file(f, 20 * MiB + 123)
+    m.stop()
+    m.start()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        time.sleep(1.0)  # the push runs in the background after OPEN's reply
+        before = m.stats()
+        got = b"".join(os.pread(fd, 1 << 20, off) for off in range(0, len(data), 1 << 20))
+        after = m.stats()
+    finally:
+        os.close(fd)
+    assert got == data
+    assert after["pusher_pushed_bytes"] >= len(data) - 4096
+    assert delta(before, after, "fuse_op_read_count") == 0
+    assert os.stat(f).st_size == len(data), "a push changed the file size"
+
+
+def test_pushing_off_reaches_daemon(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--kernel-cache-budget", "0")
+    f = os.path.join(m.path, "f")
+    make_file(f, 8 * MiB)
+    m.stop()
+    m.start()
+    before = m.stats()
+    with open(f, "rb") as fh:
+        fh.read()
+    after = m.stats()
+    assert delta(before, after, "fuse_op_read_count") > 0
+    assert after.get("pusher_pushed_bytes", 0) == 0
+
+
+def test_stats_answered_by_attr_cache(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--attr-timeout", "30", "--entry-timeout", "30")
+    d = os.path.join(m.path, "d")
+    os.mkdir(d)
+    names = [os.path.join(d, f"f{i}") for i in range(100)]
+    for n in names:
+        open(n, "wb").close()
+    wait_bpf(m)
+    for n in names:  # first stat of each may reach the daemon
+        os.stat(n)
+    before = m.stats()
+    for _ in range(10):
+        for n in names:
+            os.stat(n)
+    after = m.stats()
+    daemon = delta(before, after, "fuse_op_getattr_count") + delta(before, after, "fuse_op_lookup_count")
+    assert daemon <= len(names), daemon  # at most once per file per attr timeout
+    assert kdelta(before, after, "GETATTR") + \
+        kdelta(before, after, "LOOKUP") == daemon
+    assert delta(before, after, "kernel_stat_calls") == 1000
+
+
+def test_bpf_counts_known_workload_exactly(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    f = os.path.join(m.path, "f")
+    make_file(f, 4 * MiB)
+    wait_bpf(m)
+    n = 37  # a prime: miscounting by a factor shows
+    fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+    import mmap
+
+    buf = mmap.mmap(-1, 4096)
+    try:
+        before = m.stats()
+        for i in range(n):
+            os.preadv(fd, [buf], i * 8192)
+        after = m.stats()
+    finally:
+        os.close(fd)
+    assert kdelta(before, after, "READ") == n
+    assert delta(before, after, "fuse_op_read_count") == n
+    # buffered reads of cached pages: N read calls in the kernel, none at the daemon
+    with open(f, "rb") as fh:
+        fh.read()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        before = m.stats()
+        for i in range(n):
+            os.pread(fd, 4096, i * 4096)
+        after = m.stats()
+    finally:
+        os.close(fd)
+    assert delta(before, after, "kernel_read_calls") == n
+    assert kdelta(before, after, "READ") == 0
+
+
+def test_other_client_change_never_read_stale(mounts):
+    meta = mounts.format("file")
+    a = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
+    b = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
+    fa, fb = os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+    make_file(fa, 3 * MiB, seed=1)
+    with open(fb, "rb") as f:  # B caches version 1 in its page cache
+        v1 = f.read()
+    assert len(v1) == 3 * MiB
+    new = make_file(fa, 3 * MiB, seed=2)  # same size: only the data version tells
+    with open(fb, "rb") as f:
+        assert f.read() == new
+    assert os.stat(fb).st_size == 3 * MiB
+
+
+def test_stats_json_has_every_field(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta)
+    wait_bpf(m)
+    make_file(os.path.join(m.path, "x"), MiB)
+    out = json.loads(cli("stats", m.path, "--json", "--top", "5").stdout)
+    d = out["derived"]
+    for key in ("kernel_read_calls", "daemon_read_requests", "kernel_read_hit_rate_calls",
+                "kernel_read_hit_rate_pages", "kernel_stat_calls", "daemon_attr_requests",
+                "attr_cache_hit_rate", "daemon_ops", "block_cache", "object_store", "pusher",
+                "kernel_pages_resident", "kernel_pages_evicted"):
+        assert key in d, key
+    for key in ("mem_hits", "disk_hits", "misses"):
+        assert key in d["block_cache"]
+    for key in ("get", "put", "delete", "get_bytes", "put_bytes", "retries", "errors"):
+        assert key in d["object_store"]
+    for key in ("pushed_bytes", "repushed_bytes"):
+        assert key in d["pusher"]
+    assert out["kernel_bpf"]["available"] is True
+    assert isinstance(out["top_files"], list)
+    # the live view runs and prints one line per interval
+    r = cli("stats", m.path, "--interval", "0.2", "--count", "2", "--top", "3")
+    assert r.stdout.count("\n") >= 4
+
+
+def test_bpf_unavailable_gives_reason(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--no-bpf")
+    with open(os.path.join(m.path, ".config")) as f:
+        cfg = json.load(f)
+    assert cfg["kernel_bpf"] == {"available": False, "reason": "disabled by --no-bpf"}
+    r = cli("stats", m.path, "--interval", "0.1", "--count", "1")
+    assert "kernel counters unavailable: disabled by --no-bpf" in r.stdout
+    out = json.loads(cli("stats", m.path, "--json").stdout)
+    assert out["derived"]["kernel_read_hit_rate_calls"] is None
