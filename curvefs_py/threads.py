@@ -18,8 +18,9 @@ S3 = "s3"
 META = "meta"
 DISK = "disk"
 PUSH = "push"
+FEED = "feed"  # the change-feed waiter (one blocking wait at a time)
 
-_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 2}
+_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 2, FEED: 1}
 _limiters: Dict[str, trio.CapacityLimiter] = {}
 
 

@@ -1,4 +1,4 @@
-"""Loopback servers for tests and benchmarks: an S3 endpoint and a black hole.
+"""Loopback servers for tests and benchmarks: an S3 endpoint, PostgreSQL, Redis, a black hole.
 
 ``start_s3_server(tmpdir)`` runs moto's S3 WSGI app under waitress (HTTP/1.1
 keep-alive, a thread pool) in a **subprocess** bound to ``127.0.0.1`` on a port
@@ -34,6 +34,12 @@ Command line (benchmarks reuse it)::
 
 prints one JSON line ``{"endpoint": ..., "access_key": ..., "secret_key": ...}``
 when it is ready and serves until SIGINT/SIGTERM.
+
+``start_postgres(tmpdir)`` / ``start_redis(tmpdir)`` run the Debian servers the same
+way (a supervisor subprocess that prints a ready line and stops the server when the
+caller dies): ``PgServer.url`` / ``.new_database()`` and ``RedisServer.url(db)`` give
+META_URLs.  ``python -m tests.servers postgres [--durable]`` and ``... redis --dir D``
+serve until SIGINT/SIGTERM.
 """
 from __future__ import annotations
 
@@ -230,6 +236,365 @@ class Blackhole:
 
 
 # --------------------------------------------------------------------------------------------
+# PostgreSQL and Redis (metadata servers of the scale-out engines)
+#
+# Each runs under a small supervisor subprocess (``python servers.py postgres|redis ...``),
+# as the S3 server does: it starts the server, prints one JSON line when it answers,
+# and on SIGTERM/SIGINT, on the death of the test process (``--parent-pid``) or when
+# the server exits, stops the server and removes what it created.  The server itself
+# gets PR_SET_PDEATHSIG, so even a ``kill -9`` of the supervisor takes it down.
+
+PG_BIN = os.environ.get("CURVEFS_PG_BIN", "/usr/lib/postgresql/15/bin")
+PG_OS_USER = "postgres"  # initdb and postgres refuse to run as root
+PG_USER = "curvefs"  # the cluster's superuser (password auth over TCP, trust on the socket)
+PG_PASSWORD = "curvefs"
+PG_DB = "curvefs"
+REDIS_SERVER = os.environ.get("CURVEFS_REDIS_SERVER", "/usr/bin/redis-server")
+
+
+def _start_supervisor(kind: str, args: list[str], log_path: str, timeout: float) -> tuple[subprocess.Popen, dict]:
+    """Start ``servers.py KIND ARGS --parent-pid <us>``; return it and its ready line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "REDIS"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), kind, "--parent-pid", str(os.getpid())] + args
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"{kind} server did not start in {timeout:.0f}s (see {log_path})")
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise RuntimeError(f"{kind} server exited with {proc.wait()} (see {log_path})")
+                line += chunk
+        return proc, json.loads(line)
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        raise
+
+
+def _stop_supervisor(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout and not proc.stdout.closed:
+        proc.stdout.close()
+
+
+class PgServer:
+    """Handle on a PostgreSQL cluster started by ``start_postgres``.
+
+    ``url`` is the META_URL of its database ``curvefs``; ``new_database()`` makes
+    an empty database and returns its URL (one per test keeps tests apart)."""
+
+    def __init__(self, proc: subprocess.Popen, info: dict, log_path: str):
+        self.proc = proc
+        self.host: str = info["host"]
+        self.port: int = info["port"]
+        self.user: str = info["user"]
+        self.password: str = info["password"]
+        self.dbname: str = info["dbname"]
+        self.socket_dir: str = info["socket_dir"]
+        self.server_pid: int = info["pid"]
+        self.log_path = log_path
+        self._n = 0
+
+    @property
+    def url(self) -> str:
+        return self.url_for(self.dbname)
+
+    def url_for(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
+        return (f"postgres://{user or self.user}:{password or self.password}"
+                f"@{self.host}:{self.port}/{dbname}")
+
+    def connect(self, dbname: str | None = None):
+        """A psycopg connection (autocommit) as the superuser, for test set-up."""
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                               dbname=dbname or self.dbname, autocommit=True, connect_timeout=10)
+
+    def sql(self, query: str, *args, dbname: str | None = None) -> list[tuple]:
+        """Run one statement as the superuser; its rows ([] if it returns none)."""
+        with self.connect(dbname) as conn:
+            cur = conn.execute(query, args or None)
+            return cur.fetchall() if cur.description else []
+
+    def new_database(self, prefix: str = "t") -> str:
+        """Create an empty database; return its META_URL."""
+        self._n += 1
+        name = f"{prefix}_{os.getpid()}_{self._n}_{os.urandom(3).hex()}"
+        self.sql(f'CREATE DATABASE "{name}"', dbname="postgres")
+        return self.url_for(name)
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and every backend (clients hang, like a dead network)."""
+        os.killpg(self.server_pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.server_pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Shut the cluster down and delete its data directory (idempotent)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.server_pid, signal.SIGCONT)
+        _stop_supervisor(self.proc)
+
+    def __enter__(self) -> "PgServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_postgres(tmpdir, *, durable: bool = False, port: int = 0, timeout: float = 60.0) -> PgServer:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (a free port unless ``port``), with
+    superuser ``curvefs``/``curvefs`` (scram over TCP) and a database ``curvefs``.
+
+    The data directory and the unix socket live in a fresh ``/tmp/curvefs-pg-*`` owned by
+    the ``postgres`` OS user (pytest's tmp dirs are private to root); ``tmpdir`` gets the
+    log ``postgres.log``.  ``durable=False`` (tests) turns fsync and synchronous commit
+    off; benchmarks pass ``durable=True`` for PostgreSQL's real commit cost."""
+    tmpdir = os.fspath(tmpdir)
+    os.makedirs(tmpdir, exist_ok=True)
+    log_path = os.path.join(tmpdir, "postgres.log")
+    args = ["--port", str(port)] + (["--durable"] if durable else [])
+    proc, info = _start_supervisor("postgres", args, log_path, timeout)
+    return PgServer(proc, info, log_path)
+
+
+class RedisServer:
+    """Handle on a redis-server started by ``start_redis`` (AOF, fsync on every write)."""
+
+    def __init__(self, proc: subprocess.Popen, info: dict, log_path: str, dir: str):
+        self.proc = proc
+        self.host: str = info["host"]
+        self.port: int = info["port"]
+        self.server_pid: int = info["pid"]
+        self.dir = dir
+        self.log_path = log_path
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    def kill(self) -> None:
+        """``kill -9`` the server (its supervisor then exits); ``restart()`` brings it
+        back on the same port and directory, with everything the AOF holds."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.server_pid, signal.SIGKILL)
+        _stop_supervisor(self.proc)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        self.stop()
+        proc, info = _start_supervisor("redis", ["--port", str(self.port), "--dir", self.dir],
+                                       self.log_path, timeout)
+        self.proc, self.server_pid = proc, info["pid"]
+
+    def pause(self) -> None:
+        os.kill(self.server_pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.server_pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Shut the server down (idempotent); its directory is kept."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.server_pid, signal.SIGCONT)
+        _stop_supervisor(self.proc)
+
+    def __enter__(self) -> "RedisServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_redis(tmpdir, *, port: int = 0, timeout: float = 30.0) -> RedisServer:
+    """redis-server on 127.0.0.1 (a free port unless ``port``) with its data in
+    ``tmpdir/redis``: no RDB snapshots, an append-only file fsynced on every write
+    (``--appendfsync always``), so whatever a client saw committed survives ``kill -9``
+    of the client (and of the server).  Log: ``tmpdir/redis.log``."""
+    tmpdir = os.fspath(tmpdir)
+    data = os.path.join(tmpdir, "redis")
+    os.makedirs(data, exist_ok=True)
+    log_path = os.path.join(tmpdir, "redis.log")
+    proc, info = _start_supervisor("redis", ["--port", str(port), "--dir", data], log_path, timeout)
+    return RedisServer(proc, info, log_path, data)
+
+
+# ---- supervisor side
+
+def _pdeathsig(sig: int):
+    """preexec_fn: the child gets ``sig`` when its parent (the supervisor) dies."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: no imports in the child
+
+    def fn() -> None:
+        prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    return fn
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _supervise(server: subprocess.Popen, parent_pid: int, stop_signal: int) -> None:
+    """Block until SIGTERM/SIGINT, the parent's death or the server's exit; then stop
+    the server (``stop_signal``, then SIGKILL after 20 s)."""
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop and server.poll() is None and (not parent_pid or _alive(parent_pid)):
+        time.sleep(0.2)
+    if server.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGCONT)
+        server.send_signal(stop_signal)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _retry_ports(port: int, start) -> tuple[subprocess.Popen, int]:
+    """``start(port)`` -> server or None if the port was taken; picks free ports when 0."""
+    for _ in range(1 if port else 8):
+        p = port or free_port()
+        server = start(p)
+        if server is not None:
+            return server, p
+    raise RuntimeError("no free port for the server")
+
+
+def serve_postgres(port: int = 0, durable: bool = False, parent_pid: int = 0) -> None:
+    """Blocking: initdb a cluster in a fresh /tmp dir, serve it, print the ready line."""
+    import pwd
+    import shutil
+    import tempfile
+
+    pw = pwd.getpwnam(PG_OS_USER)
+    as_pg = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+    base = tempfile.mkdtemp(prefix="curvefs-pg-", dir="/tmp")
+    try:
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        data, sock = os.path.join(base, "data"), os.path.join(base, "sock")
+        os.mkdir(sock)
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        pwfile = os.path.join(base, "pwfile")
+        with open(pwfile, "w") as f:
+            f.write(PG_PASSWORD + "\n")
+        os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        r = subprocess.run([os.path.join(PG_BIN, "initdb"), "-D", data, "-U", PG_USER, f"--pwfile={pwfile}",
+                            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
+                            "--no-sync", "--no-instructions"],
+                           cwd=base, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           **as_pg)
+        if r.returncode:
+            raise RuntimeError(f"initdb failed: {r.stdout.decode(errors='replace')}")
+        settings = {"listen_addresses": HOST, "unix_socket_directories": sock, "max_connections": "300",
+                    "log_min_messages": "warning", "log_checkpoints": "off"}
+        if not durable:
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+
+        def start(p: int) -> Optional[subprocess.Popen]:
+            cmd = [os.path.join(PG_BIN, "postgres"), "-D", data, "-p", str(p)]
+            for k, v in settings.items():
+                cmd += ["-c", f"{k}={v}"]
+            server = subprocess.Popen(cmd, cwd=base, stdin=subprocess.DEVNULL, stdout=sys.stderr,
+                                      stderr=sys.stderr, start_new_session=True,
+                                      preexec_fn=_pdeathsig(signal.SIGQUIT), **as_pg)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if server.poll() is not None:
+                    return None  # port taken (or worse: then every attempt fails the same way)
+                r = subprocess.run([os.path.join(PG_BIN, "pg_isready"), "-q", "-h", sock, "-p", str(p)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if r.returncode == 0:
+                    return server
+                time.sleep(0.05)
+            server.kill()
+            server.wait()
+            raise RuntimeError("postgres did not become ready in 30 s")
+
+        server, port = _retry_ports(port, start)
+        try:
+            r = subprocess.run([os.path.join(PG_BIN, "createdb"), "-h", sock, "-p", str(port), "-U", PG_USER,
+                                PG_DB], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"createdb failed: {r.stderr.strip()}")
+            print(json.dumps({"host": HOST, "port": port, "user": PG_USER, "password": PG_PASSWORD,
+                              "dbname": PG_DB, "socket_dir": sock, "pid": server.pid}), flush=True)
+            # SIGINT: "fast" shutdown (roll back sessions, checkpoint, exit)
+            _supervise(server, parent_pid, signal.SIGINT)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def serve_redis(port: int = 0, dir: str = ".", parent_pid: int = 0) -> None:
+    """Blocking: serve redis-server (AOF, appendfsync always) in ``dir``; print the ready line."""
+    def start(p: int) -> Optional[subprocess.Popen]:
+        cmd = [REDIS_SERVER, "--bind", HOST, "--port", str(p), "--dir", os.path.abspath(dir),
+               "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
+               "--protected-mode", "no", "--logfile", ""]
+        server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
+                                  start_new_session=True, preexec_fn=_pdeathsig(signal.SIGTERM))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                return None
+            try:
+                with socket.create_connection((HOST, p), timeout=2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return server  # (-LOADING while the AOF is read back)
+            except OSError:
+                pass
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        raise RuntimeError("redis-server did not answer PING in 30 s")
+
+    server, port = _retry_ports(port, start)
+    try:
+        print(json.dumps({"host": HOST, "port": port, "pid": server.pid}), flush=True)
+        _supervise(server, parent_pid, signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+# --------------------------------------------------------------------------------------------
 # Subprocess side
 
 
@@ -322,7 +687,19 @@ def main(argv: list[str] | None = None) -> int:
     s3.add_argument("--threads", type=int, default=16, help="waitress worker threads")
     s3.add_argument("--auth", action="store_true", help="enforce signatures (IAM user s3:*)")
     s3.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    pg = sub.add_parser("postgres", help="a throw-away PostgreSQL cluster on 127.0.0.1")
+    pg.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    pg.add_argument("--durable", action="store_true", help="keep fsync and synchronous_commit on")
+    pg.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    rd = sub.add_parser("redis", help="redis-server (AOF, appendfsync always) on 127.0.0.1")
+    rd.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    rd.add_argument("--dir", default=".", help="data directory (the append-only file)")
+    rd.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     args = p.parse_args(argv)
+    if args.what == "postgres":
+        serve_postgres(args.port, args.durable, args.parent_pid)
+    if args.what == "redis":
+        serve_redis(args.port, args.dir, args.parent_pid)
     if args.what == "s3":
         # the same clean environment start_s3_server gives (before moto reads its settings)
         env = _clean_env(args.auth)

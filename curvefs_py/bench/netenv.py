@@ -352,7 +352,13 @@ class NetEnv:
 
     def measure_latency(self, n: int = 15) -> dict:
         """Median time to first byte of ``GET /`` on the S3 endpoint, and TCP connect time (ms)."""
-        return measure_http_latency(self.ns_ip, PROXY_PORT, n)
+        try:
+            return measure_http_latency(self.ns_ip, PROXY_PORT, n)
+        except Exception:
+            print(subprocess.run(['ip','netns','exec',self.name,'ss','-tanp'],capture_output=True,text=True).stdout[-3000:], file=sys.stderr)
+            print({k:(p.pid,p.poll()) for k,p in self.procs.items()}, file=sys.stderr)
+            for f in self.workdir.glob('*.log'): print(f, f.read_text()[-1500:], file=sys.stderr)
+            raise
 
 
 def measure_http_latency(host: str, port: int, n: int = 15) -> dict:

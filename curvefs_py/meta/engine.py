@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import errno
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from .. import NAME_MAX
@@ -41,6 +42,21 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 IsOpen = Callable[[int], bool]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed metadata change, for other clients' kernel caches.
+
+    ``ino`` > 0: the inode's attributes or data changed (its kernel attrs and
+    pages are stale); ``parent`` > 0: the directory entry ``(parent, name)``
+    was added, removed or replaced.  ``sid`` is the session that made it."""
+
+    seq: int
+    sid: int
+    ino: int = 0
+    parent: int = 0
+    name: bytes = b""
 
 
 def check_name(name: bytes) -> None:
@@ -102,6 +118,21 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def list_sessions(self) -> list[dict]:
         """Blocking. Every session: sid, heartbeat (unix seconds), info..."""
+
+    # ---------------------------------------------------------- change feed
+    def changes_since(self, cursor: int, limit: int = 1000) -> tuple[int, list[Change]]:
+        """Blocking. Changes committed after ``cursor`` by sessions other than
+        this one, oldest first, and the new cursor.  ``cursor`` 0 means "from
+        now": returns the current position and no changes.  Engines without a
+        feed return ``(cursor, [])``; clients then rely on timeouts."""
+        return cursor, []
+
+    def wait_changes(self, cursor: int, timeout: float) -> None:
+        """Blocking. Return when changes after ``cursor`` may exist, or after
+        ``timeout`` seconds (pub/sub, LISTEN/NOTIFY; default: sleep)."""
+        import time
+
+        time.sleep(timeout)
 
     # ------------------------------------------------------------------ ids
     @abc.abstractmethod

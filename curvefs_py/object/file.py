@@ -159,7 +159,10 @@ class FileStore(ObjectStore):
                 except FileNotFoundError:
                     if i == _DIR_RACE_TRIES - 1:
                         raise
-                    self._makedirs(dirname)  # new fan-out dir, or pruned by a delete
+                    try:
+                        self._makedirs(dirname)  # new fan-out dir, or pruned by a delete
+                    except (FileNotFoundError, FileExistsError):
+                        pass  # a delete pruned a directory between our mkdirs: go round again
                     continue
                 break
             try:

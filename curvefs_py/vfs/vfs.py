@@ -147,6 +147,7 @@ class VFS:
         self.pusher.nursery = nursery
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
+        nursery.start_soon(self._follow_changes, name="change-feed")
 
     async def close(self) -> None:
         """Flush every writer and run the deleter once (unmount path)."""
@@ -213,13 +214,57 @@ class VFS:
             metrics.inc("vfs_slices_deleted", len(batch))
 
     async def _heartbeat(self) -> None:
+        """Refresh this session; every minute, reclaim sessions of dead clients
+        (no heartbeat for ``session_timeout`` s: their sustained files are freed)."""
         interval = float(self.options.get("heartbeat", 10))
+        timeout = float(self.options.get("session_timeout", 300))
+        last_clean = 0.0
         while True:
             await trio.sleep(interval)
             try:
                 await self._meta(self.engine.heartbeat)
+                if trio.current_time() - last_clean > 60:
+                    last_clean = trio.current_time()
+                    dead = await self._meta(self.engine.clean_stale_sessions, timeout)
+                    if dead:
+                        log.info("reclaimed stale sessions %s", dead)
+                        self._delete_kick.set()
             except Exception as exc:
                 log.warning("session heartbeat failed: %s", exc)
+
+    async def _follow_changes(self) -> None:
+        """Invalidate this kernel's entries and inodes that other clients changed
+        (DESIGN §7): with a change feed, long attr/entry timeouts are safe."""
+        cursor, _ = await self._meta(self.engine.changes_since, 0)
+        wait = float(self.options.get("feed_interval", 0.2))
+        while True:
+            try:
+                await threads.run_blocking(self.engine.wait_changes, cursor, wait,
+                                           limiter=threads.FEED)
+                cursor, changes = await self._meta(self.engine.changes_since, cursor)
+            except Exception as exc:
+                log.warning("change feed failed: %s", exc)
+                await trio.sleep(2)
+                continue
+            for ch in changes:
+                await self._apply_change(ch)
+
+    async def _apply_change(self, ch) -> None:
+        metrics.inc("vfs_remote_changes")
+        if ch.ino:
+            self.kernel_versions.pop(ch.ino, None)
+            self.pusher.dropped(ch.ino)
+            for key in [k for k in self._slices if k[0] == ch.ino]:
+                del self._slices[key]
+            if ch.ino in self.open_attrs and not self.writers.get(ch.ino):
+                try:
+                    self.open_attrs[ch.ino] = await self._meta(self.engine.getattr, ch.ino)
+                except FsError:
+                    pass
+            if self.notifier is not None:
+                await self.notifier.invalidate_inode(ch.ino)
+        if ch.parent and self.notifier is not None:
+            self.notifier.invalidate_entry(ch.parent, ch.name)
 
     # -------------------------------------------------------- namespace
     async def lookup(self, parent: int, name: bytes) -> Attr:
