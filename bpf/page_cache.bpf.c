@@ -43,11 +43,17 @@ TRACEPOINT_PROBE(filemap, mm_filemap_get_pages)
         cur->index = index;     /* next batch of the same read call */
         return 0;
     }
-    struct curvefs_read_cursor next = {};
-    next.ino = ino;
-    next.index = index;
-    next.last_index = last;
-    read_cursor.update(&tid, &next);
+    if (cur) {                  /* reuse the thread's slot in place: no map update */
+        cur->ino = ino;
+        cur->index = index;
+        cur->last_index = last;
+    } else {
+        struct curvefs_read_cursor next = {};
+        next.ino = ino;
+        next.index = index;
+        next.last_index = last;
+        read_cursor.update(&tid, &next);
+    }
 
     u64 pages = last >= index ? last - index + 1 : 1;
     u32 zero = 0;

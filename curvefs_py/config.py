@@ -59,4 +59,5 @@ class MountOptions:
     readahead: int = 0  # 0: four blocks
     kernel_cache_budget: int = 1 << 30
     push_whole_max: int = 128 << 20
+    io_timeout: float = 30.0  # retry deadline of one object request (s); also caps the read timeout
     extra: dict = field(default_factory=dict)

@@ -43,8 +43,9 @@ class Mounts:
         self.mounts: list[Mount] = []
         self.allow_log: list[str] = []
 
-    def format(self, storage: str = "file", name: str = "vol", extra=()) -> str:
-        meta = f"sqlite3://{self.tmp}/{name}-{uuid.uuid4().hex[:6]}.db"
+    def format(self, storage: str = "file", name: str = "vol", extra=(), meta: str | None = None) -> str:
+        """Format a volume; return its META_URL (``meta``, default a new SQLite file)."""
+        meta = meta or f"sqlite3://{self.tmp}/{name}-{uuid.uuid4().hex[:6]}.db"
         if storage == "file":
             args = ["format", meta, name, "--storage", "file", "--bucket", str(self.tmp / f"{name}-objects")]
         else:
@@ -97,3 +98,21 @@ def volume(request, mounts):
     """A mounted volume on each store: the mount's path as a str."""
     meta = mounts.format(request.param)
     return mounts.mount(meta)
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory):
+    """A PostgreSQL cluster for the session (tests/servers.py); ``pg.new_database()``
+    gives each test an empty database and its META_URL."""
+    srv = servers.start_postgres(tmp_path_factory.mktemp("pg"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server for the session (tests/servers.py: AOF, appendfsync always);
+    ``servers.redis_new_db(redis_server)`` gives a test an empty database's META_URL."""
+    srv = servers.start_redis(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.stop()

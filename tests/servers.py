@@ -492,16 +492,39 @@ def _retry_ports(port: int, start) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("no free port for the server")
 
 
+def _sweep_dead_clusters() -> None:
+    """Remove /tmp/curvefs-pg-* left by a supervisor that was killed: neither it nor its
+    postmaster is alive (a directory without pid files must be an hour old)."""
+    import glob
+    import shutil
+
+    for base in glob.glob("/tmp/curvefs-pg-*"):
+        pids = []
+        for name in ("supervisor.pid", "data/postmaster.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(base, name)) as f:
+                    pids.append(int(f.readline()))
+        try:
+            dead = not any(_alive(pid) for pid in pids) if pids else time.time() - os.stat(base).st_mtime > 3600
+        except OSError:
+            continue
+        if dead:
+            shutil.rmtree(base, ignore_errors=True)
+
+
 def serve_postgres(port: int = 0, durable: bool = False, parent_pid: int = 0) -> None:
     """Blocking: initdb a cluster in a fresh /tmp dir, serve it, print the ready line."""
     import pwd
     import shutil
     import tempfile
 
+    _sweep_dead_clusters()
     pw = pwd.getpwnam(PG_OS_USER)
     as_pg = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
     base = tempfile.mkdtemp(prefix="curvefs-pg-", dir="/tmp")
     try:
+        with open(os.path.join(base, "supervisor.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         data, sock = os.path.join(base, "data"), os.path.join(base, "sock")
         os.mkdir(sock)
@@ -533,7 +556,8 @@ def serve_postgres(port: int = 0, durable: bool = False, parent_pid: int = 0) ->
             while time.monotonic() < deadline:
                 if server.poll() is not None:
                     return None  # port taken (or worse: then every attempt fails the same way)
-                r = subprocess.run([os.path.join(PG_BIN, "pg_isready"), "-q", "-h", sock, "-p", str(p)],
+                r = subprocess.run([os.path.join(PG_BIN, "pg_isready"), "-q", "-h", sock, "-p", str(p),
+                                    "-U", PG_USER, "-d", "postgres"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if r.returncode == 0:
                     return server
@@ -711,3 +735,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def redis_new_db(server: RedisServer) -> str:
+    """The META_URL of an empty database of ``server``: the next of databases 1..15
+    (cycled; 0 is left for manual use), emptied with FLUSHDB."""
+    import redis
+
+    n = getattr(server, "_last_db", 0) % 15 + 1
+    server._last_db = n
+    client = redis.Redis(host=server.host, port=server.port, db=n)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return server.url(n)

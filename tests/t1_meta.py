@@ -29,6 +29,8 @@ from typing import Callable
 
 import pytest
 
+import servers
+
 from curvefs_py import ROOT_INODE, metrics
 from curvefs_py.chunk.layout import chunk_ranges, overlay
 from curvefs_py.errors import FsError, MetaError, QuietError
@@ -42,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: name -> factory(tmp_path, request) -> URL of a fresh database
 ENGINE_FACTORIES: dict[str, Callable[[Path, pytest.FixtureRequest], str]] = {
     "sqlite": lambda tmp_path, request: f"sqlite3://{tmp_path}/meta.db",
+    "postgres": lambda tmp_path, request: request.getfixturevalue("pg").new_database(),
+    "redis": lambda tmp_path, request: servers.redis_new_db(request.getfixturevalue("redis_server")),
 }
 
 CS = 64 << 10  # chunk size of the test volume (small, so tests cross chunks cheaply)
@@ -1407,3 +1411,224 @@ def test_sqlite_busy_is_retried_and_counted(engines, meta_url, monkeypatch):
         mkfile(e, ROOT_INODE, b"later")
     finally:
         e.close()
+
+
+# ==================================================== engine-specific: postgres
+def postgres_only(meta_url):
+    if not meta_url.startswith("postgres"):
+        pytest.skip("PostgreSQL-specific")
+
+
+def test_postgres_urls():
+    from curvefs_py.meta.postgres import parse_url, redact
+
+    p = parse_url("postgres://u:p%40ss@db.example:6432/vol?sslmode=require&connect_timeout=3")
+    assert p == {"user": "u", "password": "p@ss", "host": "db.example", "port": "6432", "dbname": "vol",
+                 "sslmode": "require", "connect_timeout": "3"}
+    assert parse_url("postgresql://h/vol")["dbname"] == "vol"
+    assert redact("postgres://u:secret@h:5/d") == "postgres://u:***@h:5/d"
+    for bad in ("postgres://u:secret@h:5/", "postgres://u:secret@h/d?bogus=1", "sqlite3:///x.db"):
+        with pytest.raises(QuietError) as info:
+            parse_url(bad)
+        assert info.value.exitcode == 3
+        assert "secret" not in str(info.value)
+
+
+def test_postgres_connection_errors_are_one_line(pg):
+    """Unreachable server, bad password, missing database (created by init only, and
+    only with the right to): FsError/MetaError with one line that hides the password."""
+    from curvefs_py.meta.postgres import PostgresEngine
+    from servers import free_port
+
+    def error_of(url: str, call=lambda e: e.load()) -> FsError:
+        e = PostgresEngine(url)
+        try:
+            with pytest.raises(FsError) as info:
+                call(e)
+        finally:
+            e.close()
+        msg = str(info.value)
+        assert "\n" not in msg and "s3cret" not in msg, msg
+        return info.value
+
+    t0 = time.monotonic()
+    exc = error_of(f"postgres://u:s3cret@127.0.0.1:{free_port()}/x")
+    assert isinstance(exc, MetaError) and "refused" in str(exc)
+    assert time.monotonic() - t0 < 5
+    exc = error_of(pg.url_for(pg.dbname, password="s3cret"))
+    assert isinstance(exc, MetaError) and "password authentication failed" in str(exc)
+
+    missing = pg.url_for(f"missing_{os.getpid()}")
+    exc = error_of(missing)
+    assert exc.errno == errno.ENOENT and "does not exist" in str(exc)
+    e = PostgresEngine(missing)
+    e.init(make_format())  # format creates the database (the superuser may)
+    assert e.load().chunk_size == CS
+    e.close()
+
+    pg.sql("DROP ROLE IF EXISTS nocreate")
+    pg.sql("CREATE ROLE nocreate LOGIN PASSWORD 's3cret'")
+    exc = error_of(pg.url_for(f"missing2_{os.getpid()}", user="nocreate", password="s3cret"),
+                   lambda e: e.init(make_format()))
+    assert exc.errno == errno.EACCES and "may not create it" in str(exc)
+
+
+def test_postgres_serialization_failures_are_retried_and_counted(engines, meta_url, monkeypatch):
+    """Another client commits a change to a row the transaction wrote: SQLSTATE 40001,
+    retried (counted) and then successful; with no attempts left, MetaError and nothing
+    of the operation committed.  Pooled connections killed by the server are replaced."""
+    import psycopg
+
+    from curvefs_py.meta import sql as sqlmod
+
+    postgres_only(meta_url)
+    e = engines(init=True)
+    blocker = psycopg.connect(meta_url)  # not autocommit: the first statement begins a transaction
+
+    def conflicting_mknod(name: bytes) -> None:
+        """mknod while ``blocker`` holds the used_inodes row; blocker commits meanwhile."""
+        blocker.execute("UPDATE counter SET value = value WHERE name = 'used_inodes'")
+        timer = threading.Timer(0.3, blocker.commit)
+        timer.start()
+        try:
+            mkfile(e, ROOT_INODE, name)
+        finally:
+            timer.join()
+
+    try:
+        before = metrics.get("meta_txn_retries")
+        conflicting_mknod(b"after-conflict")
+        assert metrics.get("meta_txn_retries") > before
+        assert e.lookup(ROOT_INODE, b"after-conflict")
+        monkeypatch.setattr(sqlmod, "MAX_ATTEMPTS", 1)
+        with pytest.raises(MetaError) as info:
+            conflicting_mknod(b"never")
+        assert "serialize" in str(info.value)
+        monkeypatch.undo()
+        with raises_errno(errno.ENOENT):
+            e.lookup(ROOT_INODE, b"never")
+        assert e.usage().used_inodes == 2  # root, after-conflict
+
+        e.getattr(ROOT_INODE)  # a pooled connection now idles
+        before = metrics.get("meta_txn_retries")
+        blocker.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        blocker.commit()
+        assert e.getattr(ROOT_INODE).nlink == 2
+        mkfile(e, ROOT_INODE, b"after-restart")
+        assert metrics.get("meta_txn_retries") > before
+    finally:
+        blocker.close()
+
+
+# ======================================================= engine-specific: redis
+def redis_only(meta_url):
+    if not meta_url.startswith("redis"):
+        pytest.skip("Redis-specific")
+
+
+def test_redis_urls():
+    from curvefs_py.meta.redis import RedisEngine, parse_url
+
+    assert parse_url("redis://h:1/2") == "redis://h:1/2"
+    assert parse_url("redis://:s3cret@h") == "redis://h:6379/0"
+    assert parse_url("rediss://u:s3cret@h/3?socket_timeout=2&ssl_cert_reqs=none") == "rediss://h:6379/3"
+    for bad in ("redis://", "redis:///0", "redis://h/x", "redis://h:port/0", "redis://:s3cret@h/0?bogus=1",
+                "redis://h/0?ssl_cert_reqs=none", "sqlite3:///x.db"):
+        with pytest.raises(QuietError) as info:
+            RedisEngine(bad)
+        assert info.value.exitcode == 3 and "s3cret" not in str(info.value)
+    with pytest.raises(QuietError) as info:
+        open_engine("redis://h:99999999/0")
+    assert info.value.exitcode == 3
+
+
+def test_redis_unreachable_is_one_line_meta_error():
+    from servers import free_port
+
+    e = open_engine(f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    t0 = time.monotonic()
+    try:
+        for call in (e.load, lambda: e.getattr(ROOT_INODE), lambda: mkfile(e, ROOT_INODE, b"x")):
+            with pytest.raises(MetaError) as info:
+                call()
+            msg = str(info.value)
+            assert "\n" not in msg and "s3cret" not in msg and "refused" in msg, msg
+    finally:
+        e.close()
+    assert time.monotonic() - t0 < 5
+
+
+def test_redis_conflicts_are_retried_and_counted(engines, meta_url, monkeypatch):
+    """Another client changes a watched key between the reads and EXEC: EXEC does
+    nothing, the transaction runs again (counted) and succeeds; with no attempts
+    left, MetaError and nothing of the operation is committed."""
+    import redis as redislib
+
+    from curvefs_py.meta import redis as rmod
+
+    redis_only(meta_url)
+    e = engines(init=True)
+    other = redislib.Redis.from_url(meta_url)
+    commit = rmod._Tx.commit
+    interfere = {"n": 0}
+
+    def racing_commit(tx):
+        if interfere["n"] and tx.watched:
+            interfere["n"] -= 1
+            other.set(b"i1", other.get(b"i1"))  # same bytes: still a change to WATCH
+        return commit(tx)
+
+    monkeypatch.setattr(rmod._Tx, "commit", racing_commit)
+    try:
+        before = metrics.get("meta_txn_retries")
+        interfere["n"] = 3
+        f = mkfile(e, ROOT_INODE, b"after-conflicts")
+        assert metrics.get("meta_txn_retries") == before + 3
+        assert e.lookup(ROOT_INODE, b"after-conflicts").ino == f
+        monkeypatch.setattr(rmod, "MAX_ATTEMPTS", 2)
+        interfere["n"] = 2
+        with pytest.raises(MetaError) as info:
+            mkfile(e, ROOT_INODE, b"never")
+        assert "conflicts" in str(info.value)
+        with raises_errno(errno.ENOENT):
+            e.lookup(ROOT_INODE, b"never")
+        assert e.usage().used_inodes == 2 and e.getattr(ROOT_INODE).nlink == 2
+        g = mkfile(e, ROOT_INODE, b"later")
+        assert g not in (f, ROOT_INODE)
+        check_tree(e)
+    finally:
+        other.close()
+
+
+def test_redis_server_restart_keeps_committed_state(tmp_path, caplog):
+    """kill -9 of the server: everything committed is in the fsynced AOF; the engine's
+    pooled connections are replaced after the restart.  A server that does not persist
+    gets a warning at format time."""
+    srv = servers.start_redis(tmp_path)
+    e = open_engine(srv.url(0))
+    try:
+        e.init(make_format())
+        e.new_session({"host": "h"})
+        st = Store(e)
+        f = mkfile(e, ROOT_INODE, b"f")
+        st.write(f, 0, b"durable" * 100)
+        e.setxattr(f, b"user.k", b"v")
+        srv.kill()
+        with pytest.raises(MetaError):
+            e.getattr(f)
+        srv.restart()
+        assert e.getxattr(f, b"user.k") == b"v"
+        assert st.read(f) == b"durable" * 100
+        assert [s["sid"] for s in e.list_sessions()] == [e.sid]
+        assert e.next_slice_id() > max(st.objects)
+        e.close_session()
+        r = __import__("redis").Redis(host=srv.host, port=srv.port)
+        r.config_set("appendonly", "no")
+        r.close()
+        caplog.set_level(logging.WARNING, logger="curvefs_py")
+        open_engine(srv.url(1)).init(make_format())
+        assert any("appendonly no" in r.getMessage() for r in caplog.records)
+    finally:
+        e.close()
+        srv.stop()

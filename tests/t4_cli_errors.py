@@ -210,6 +210,7 @@ def test_mount_bad_option_values(tmp_path, file_volume):
     mp = tmp_path / "mp"
     mp.mkdir()
     fails(mount_args(file_volume, mp, tmp_path, "--cache-size", "huge"), 3, contains="size")
+    fails(mount_args(file_volume, mp, tmp_path, "--io-timeout", "0"), 3, contains="io-timeout")
     rc, err, _ = run(*mount_args(file_volume, mp, tmp_path, "--attr-timeout", "soon"))
     assert rc == 2 and "Traceback" not in err  # argparse: usage + one error line
 

@@ -111,12 +111,21 @@ def _umount(m: Mount) -> None:
 
 
 @pytest.fixture
-def mounts(tmp_path):
+def mount_base():
+    """A private directory for mount points.  Not pytest's tmp_path: concurrent pytest
+    sessions rotate /tmp/pytest-of-<user> and would walk (stat!) our live mounts."""
+    base = Path(tempfile.mkdtemp(prefix="curvefs_t5_"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def mounts(mount_base):
     """Factory: ``mounts(size=…, ino=…)`` -> a fresh simplefs Mount, unmounted at the end."""
     made: list[Mount] = []
 
     def make(size: int = 64 * PAGE, ino: int = 1000, keep_cache: bool = True) -> Mount:
-        m = _mount(tmp_path, f"mnt{len(made)}", size, ino, keep_cache)
+        m = _mount(mount_base, f"mnt{len(made)}", size, ino, keep_cache)
         made.append(m)
         return m
 
@@ -315,6 +324,7 @@ def test_resident_pages_follow_reads_and_fadvise(mounts, probes):
     snap = p.snapshot()
     assert snap["kernel_pages_resident"] == pages
     assert snap["kernel_pages_added"] == pages
+    assert p.snapshot_totals()["kernel_pages_resident"] == pages
     fd = os.open(m.file, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -401,26 +411,31 @@ def test_stat_calls_exact_per_syscall(mounts, probes, tmp_path):
 
 # -- a minor >= 256: kernel and user encodings differ ---------------------------------
 
-def test_high_minor_encodings(tmp_path, probes):
+def test_high_minor_encodings(mount_base, probes):
     """Hold anonymous device numbers with tmpfs mounts until the next one is >= 256,
     then mount simplefs there: all three programs must still count exactly."""
     held: list[Path] = []
     m = None
     try:
-        for i in range(400):
-            d = tmp_path / f"hold{i}"
-            d.mkdir()
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "none", str(d)], check=True)
-            held.append(d)
-            if os.minor(os.stat(d).st_dev) >= 255:
+        for attempt in range(5):   # other processes may free a low minor meanwhile: retry
+            while True:
+                d = mount_base / f"hold{len(held)}"
+                d.mkdir()
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "none", str(d)],
+                               check=True)
+                held.append(d)
+                if os.minor(os.stat(d).st_dev) >= 255 or len(held) > 1000:
+                    break
+            m = _mount(mount_base, f"high{attempt}", 29 * PAGE, 1000)
+            if os.minor(m.st_dev) >= 256:
                 break
-        m = _mount(tmp_path, "high", 29 * PAGE, 1000)
+            _umount(m)
+            m = None
         for d in held:
             subprocess.run(["umount", str(d)], check=True)
         held.clear()
-        minor = os.minor(m.st_dev)
-        if minor < 256:
-            pytest.skip(f"could not get a minor >= 256 (got {minor})")
+        if m is None:
+            pytest.skip("could not get an anonymous device minor >= 256")
         assert loader.kernel_dev(m.st_dev) != m.st_dev
         p = probes(m)
         s0 = p.snapshot()
@@ -454,6 +469,7 @@ def _assert_unavailable(p: loader.KernelProbe, fragment: str) -> None:
     assert fragment in p.reason, p.reason
     assert "\n" not in p.reason
     assert p.snapshot() == {"kernel_bpf_available": 0.0}
+    assert p.snapshot_totals() == {"kernel_bpf_available": 0.0}
     assert p.per_inode() == {}
     assert p.resident_pages(1) == 0
     p.close()

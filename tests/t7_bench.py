@@ -31,7 +31,7 @@ from curvefs_py.bench.systems import is_mounted  # noqa: E402
 ROOT = os.geteuid() == 0
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (namespaces, mounts)")
-SMALL = ["--size", "4M", "--runtime", "1", "--nfiles", "50"]
+SMALL = ["--size", "4M", "--runtime", "0.5", "--nfiles", "30"]
 
 
 def bench(*args: str, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:

@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,6 +52,7 @@ class Baselines(contextlib.ExitStack):
         self.specs = specs
         self.size_hint = size_hint_bytes
         self.targets: list[suite.Target] = []
+        self._owner = os.getpid()
 
     def __enter__(self):
         super().__enter__()
@@ -68,8 +68,9 @@ class Baselines(contextlib.ExitStack):
         subprocess.run(argv, check=True, capture_output=True, timeout=60)
         self.callback(self._umount, mnt)
 
-    @staticmethod
-    def _umount(mnt: Path) -> None:
+    def _umount(self, mnt: Path) -> None:
+        if os.getpid() != self._owner:
+            return
         if is_mounted(mnt):
             subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
         force_unmount(mnt)
@@ -117,10 +118,20 @@ def size_bytes(text: str) -> int:
 
 @contextlib.contextmanager
 def signals_as_interrupt():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread (so ``finally`` runs)."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, so every
+    ``finally`` and ``__exit__`` tears down what it set up.
+
+    Only in *this* process: pyroute2 forks it (without exec) to enter a namespace, and the
+    fork inherits the handler and the whole Python stack; a Ctrl-C to the process group
+    would otherwise unwind the copy and run our cleanups twice, killing the parent's
+    servers in the middle of the run.  A forked copy just exits."""
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt(f"signal {signum}")
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -277,11 +277,16 @@ def _scale(ax, values: list, force_log: bool = False) -> None:
     if not force_log and hi / lo < 30:
         ax.set_ylim(0, hi * 1.18)
         return
+    from matplotlib import ticker
     ax.set_yscale("log")
     ax.set_ylim(10 ** math.floor(math.log10(lo) - 0.3), hi * 2.5)
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: _short(v)))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _short(v: float) -> str:
+    if v >= 1e9:
+        return f"{v / 1e9:.3g}G"
     if v >= 1e6:
         return f"{v / 1e6:.1f}M"
     if v >= 1e4:

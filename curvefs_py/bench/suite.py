@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCH_SUBDIR = "curvefs-bench"
@@ -78,7 +78,7 @@ def select_jobs(spec: Optional[str]) -> list[Job]:
 @dataclass
 class Params:
     size: str = "256M"       # fio size of the sequential/random files
-    runtime: int = 10        # seconds
+    runtime: float = 10.0    # seconds (fractions allowed: fio gets milliseconds)
     nfiles: int = 1000       # small files / stat storm
     jobs_dir: Path = JOBS_DIR
     timeout_slack: float = 120.0   # added to 3 x runtime for a measured fio run
@@ -86,8 +86,8 @@ class Params:
 
     def fio_env(self, bench_dir: Path) -> dict:
         env = dict(os.environ)
-        env.update(BENCH_DIR=str(bench_dir), SIZE=str(self.size), RUNTIME=str(self.runtime),
-                   NFILES=str(self.nfiles))
+        env.update(BENCH_DIR=str(bench_dir), SIZE=str(self.size),
+                   RUNTIME=f"{max(1, round(self.runtime * 1000))}ms", NFILES=str(self.nfiles))
         return env
 
 

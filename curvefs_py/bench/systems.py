@@ -77,6 +77,7 @@ class System:
         self.mountpoint = self.workdir / "mnt"
         self.proc: Optional[subprocess.Popen] = None
         self.log = self.workdir / "mount.log"
+        self._owner = os.getpid()   # see netenv.NetEnv: never clean up from a forked copy
 
     # to override ------------------------------------------------------------------------
     def missing(self) -> str:
@@ -135,6 +136,8 @@ class System:
 
     def unmount(self) -> None:
         """Unmount and wait for the daemon to exit; kill and lazy-unmount if it does not."""
+        if os.getpid() != self._owner:
+            return
         err = ""
         if is_mounted(self.mountpoint) and self.proc is not None and self.proc.poll() is None:
             try:

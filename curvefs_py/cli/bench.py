@@ -31,7 +31,7 @@ from ..errors import QuietError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="fio benchmarks: a mount beside a local baseline (or a whole S3 environment)",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0].replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  curvefs bench /mnt/cfs --size 1G --runtime 30\n"
                "  curvefs bench --env --bandwidth 1gbit,10gbit --latency 0,10,30 --systems curvefs,s3fs\n"
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--env", action="store_true",
                    help="build the S3-in-a-namespace environment, mount, run, tear down")
     p.add_argument("--size", default="256M", help="file size of the sequential/random jobs (256M)")
-    p.add_argument("--runtime", type=int, default=10, help="seconds per job (10)")
+    p.add_argument("--runtime", type=float, default=10, help="seconds per job (10; fractions ok)")
     p.add_argument("--nfiles", type=int, default=1000, help="files of small_files/stat_storm (1000)")
     p.add_argument("--jobs", default="all", help="comma list of jobs (default all): "
                    "seq_write,seq_read_cold,seq_read_warm,rand_read_warm,rand_read_remount,"
@@ -96,8 +96,8 @@ def run(args) -> int:
         jobs = suite.select_jobs(args.jobs)
     except ValueError as exc:
         raise QuietError(str(exc), 2) from None
-    if args.runtime < 1 or args.nfiles < 1:
-        raise QuietError("--runtime and --nfiles must be >= 1", 2)
+    if not args.runtime > 0 or args.nfiles < 1:
+        raise QuietError("--runtime must be > 0 and --nfiles >= 1", 2)
     try:
         envrun.size_bytes(args.size)
     except ValueError:

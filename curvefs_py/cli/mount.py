@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--readahead", default="0", help="sequential readahead window (default: 4 blocks)")
     p.add_argument("--kernel-cache-budget", default="1G", help="bytes of this mount the daemon may fill into the page cache (default 1G; 0 turns pushing off)")
     p.add_argument("--push-whole-max", default="128M", help="on open for reading, push whole files up to this size (larger ones: their first 8 MiB) from the local block cache into the page cache (default 128M)")
+    p.add_argument("--io-timeout", type=float, default=30.0,
+                   help="seconds to keep retrying a failing object request before the caller gets EIO (default 30)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
@@ -41,6 +43,8 @@ def argparse_suppress():
 
 def _options(args) -> MountOptions:
     check_meta_url(args.meta_url)
+    if not args.io_timeout > 0:
+        raise QuietError("--io-timeout must be a positive number of seconds", 3)
     return MountOptions(
         meta_url=args.meta_url, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
         cache_size=parse_size(args.cache_size), mem_cache_size=parse_size(args.mem_cache_size),
@@ -48,7 +52,7 @@ def _options(args) -> MountOptions:
         negative_timeout=args.negative_timeout, log_file=args.log_file, debug=args.debug,
         no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
-        push_whole_max=parse_size(args.push_whole_max))
+        push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout)
 
 
 def run(args) -> int:

@@ -39,6 +39,12 @@ def run(args) -> int:
     mp = os.path.abspath(args.mountpoint)
     try:
         os.stat(mp)
+        if os.path.ismount(mp):  # the stat may come from the attr cache: OPENDIR reaches the daemon
+            try:
+                os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    raise
     except FileNotFoundError:
         raise QuietError(f"{mp} does not exist", 6) from None
     except OSError as exc:

@@ -182,6 +182,18 @@ class KernelProbe:
                     out[f"kernel_stat_calls_{sysname}"] = float(n)
         return out
 
+    def snapshot_totals(self) -> Dict[str, float]:
+        """The page-cache totals only (one map lookup; for the pusher's budget)."""
+        out: Dict[str, float] = {"kernel_bpf_available": 1.0 if self.available else 0.0}
+        with self._lock:
+            t = None if self._closed else self._table("page_cache", "totals")
+            if t is not None:
+                pt = maps.read_page_totals(t)
+                out["kernel_read_calls"] = float(pt.read_calls)
+                out["kernel_read_pages"] = float(pt.read_pages)
+                out["kernel_pages_resident"] = float(pt.resident)
+        return out
+
     def per_inode(self) -> Dict[int, Dict[str, int]]:
         """{ino: {read_calls, read_pages, resident_pages}} for inodes seen since load."""
         with self._lock:

@@ -104,6 +104,10 @@ class Dialect(abc.ABC):
         """Held around every write transaction (SQLite: one writer per process)."""
         return contextlib.nullcontext()
 
+    def usable(self, conn: Any) -> bool:
+        """May ``conn`` go back to the pool? (False: it was closed or lost.)"""
+        return True
+
     def sql(self, text: str) -> str:
         if self.placeholder == "?":
             return text
@@ -194,7 +198,7 @@ class SqlEngine(Engine):
 
     def _put_conn(self, conn: Any, broken: bool) -> None:
         with self._pool_lock:
-            if broken or self._closed:
+            if broken or self._closed or not self.dialect.usable(conn):
                 if conn in self._all_conns:
                     self._all_conns.remove(conn)
                 with contextlib.suppress(Exception):
