@@ -296,6 +296,52 @@ def _short(v: float) -> str:
     return f"{v:.3g}"
 
 
+def render_summary_md(results: list[JobResult], meta: dict) -> str:
+    """A self-contained Markdown page: command, machine, network as measured, the table."""
+    m = meta.get("machine", {})
+    lines = ["# curvefs bench results", "",
+             f"Measured {meta.get('started', '')} in {meta.get('duration_s', 0):.0f} s with:", "",
+             "```", meta.get("command", ""), "```", "",
+             "## Machine", "",
+             f"- CPU: {m.get('cpu', '?')} x {m.get('cpus', '?')}, memory {m.get('memory_gib', '?')} GiB",
+             f"- kernel {m.get('kernel', '?')}, Python {m.get('python', '?')}, {m.get('fio', 'fio ?')}",
+             ]
+    p = meta.get("params", {})
+    lines.append(f"- fio parameters: SIZE={p.get('size')}, RUNTIME={p.get('runtime_s')} s, "
+                 f"NFILES={p.get('nfiles')}; psync, queue depth 1, one job")
+    env = meta.get("environment")
+    if env:
+        for name, b in env.get("baselines", {}).items():
+            lines.append(f"- baseline {name}: {b.get('fs')} at {b.get('path')} {b.get('note', '')}".rstrip())
+        for name, sysinfo in env.get("systems", {}).items():
+            what = sysinfo.get("version") or sysinfo.get("missing") or sysinfo.get("setup_error", "")
+            lines.append(f"- {name}: {what}")
+        lines += ["", "## Network (measured before each condition)", "",
+                  "| condition | latency via | up (host -> S3) | down (S3 -> host) | time to first byte | TCP connect |",
+                  "|---|---|---|---|---|---|"]
+        for c in env.get("conditions", []):
+            ms = c.get("measured", {})
+            lines.append(f"| {c['condition']} | {c.get('latency_mode', '')} | "
+                         f"{ms.get('up_bps', 0) / 1e9:.2f} Gbit/s | {ms.get('down_bps', 0) / 1e9:.2f} Gbit/s | "
+                         f"{ms.get('ttfb_ms', 0):.1f} ms | {ms.get('connect_ms', 0):.2f} ms |")
+        lines += ["", "S3 server: moto under waitress in its own network namespace, behind a veth "
+                  "pair with tbf on both ends; `GET /` costs the server about 1-2 ms by itself, "
+                  "the rest of the time to first byte is the added latency."]
+    elif meta.get("mount"):
+        mt = meta["mount"]
+        lines.append(f"- mount: {mt.get('path')} ({mt.get('fs')}), counters: "
+                     f"{mt.get('stats', 'curvefs stats')}")
+    counts = summary_counts(results)
+    lines += ["", "## Results", "",
+              f"{counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run. "
+              "Ratios are throughput (or IOPS) divided by the baseline's in the same run; kernel "
+              "hit = share of the pages read that the page cache served without a READ "
+              "request (reads) or of stat calls answered without GETATTR/LOOKUP (stat_storm); "
+              "RT/op = FUSE requests that reached the daemon per fio operation; n/a = no counters.",
+              "", render_markdown(results).rstrip(), ""]
+    return "\n".join(lines)
+
+
 def summary_counts(results: Iterable[JobResult]) -> dict:
     out = {"ok": 0, "failed": 0, "not run": 0}
     for r in results:

@@ -133,11 +133,12 @@ def run(args) -> int:
     (out / "table.txt").write_text(text)
     (out / "table.md").write_text(report.render_markdown(results))
     report.write_json(out / "results.json", results, meta)
+    (out / "summary.md").write_text(report.render_summary_md(results, meta))
     charts = report.write_charts(out, results)
     print(text, end="")
     counts = report.summary_counts(results)
     print(f"\n{counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run in "
-          f"{meta['duration_s']:.0f}s; written: {out}/ (results.json, table.txt, table.md, "
+          f"{meta['duration_s']:.0f}s; written: {out}/ (results.json, summary.md, table.txt, table.md, "
           f"{', '.join(p.name for p in charts)})")
     return 1 if counts["failed"] else 0
 

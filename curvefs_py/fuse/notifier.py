@@ -2,9 +2,10 @@
 
 Rules (pyfuse3 docstrings, STYLE §6.3 rule 6):
 * ``invalidate_inode`` may block (writeback caching): it runs in a worker thread.
-* ``invalidate_entry`` blocks while a related request is pending: use the
-  async variant, which queues it to pyfuse3's own thread; never call it while
-  holding a lock a request needs.
+* ``invalidate_entry`` blocks while a related request is pending: it runs in
+  a worker thread of its own limiter, never inside a request handler and
+  never while holding a lock a request needs (pyfuse3's ``_async`` variant
+  would log every ENOENT — an entry the kernel does not hold — as an error).
 * ``notify_store`` fills the page cache and *extends the file past EOF*: the
   caller passes the file length and we never store past it; only whole pages
   (except a file's last page); if the kernel answers ENOSYS the notifier turns
@@ -37,11 +38,20 @@ class KernelNotifier:
             except OSError as exc:  # ENOENT: the kernel does not know the inode
                 if exc.errno != errno.ENOENT:
                     log.warning("invalidate_inode(%d): %s", ino, exc)
-        await threads.run_blocking(call, limiter=threads.PUSH)
+        await threads.run_blocking(call, limiter=threads.INVAL)
         metrics.inc("kernel_invalidate_inode")
 
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(parent, name)
+    async def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Drop a (maybe) cached entry.  Runs ``invalidate_entry`` in a worker
+        thread: it may wait for a related pending request, which the loop keeps
+        serving meanwhile; ENOENT (the kernel does not hold it) is normal."""
+        def call():
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
+        await threads.run_blocking(call, limiter=threads.INVAL)
         metrics.inc("kernel_invalidate_entry")
 
     async def store(self, ino: int, off: int, data: bytes, length: int) -> bool:

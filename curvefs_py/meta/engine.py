@@ -122,10 +122,14 @@ class Engine(abc.ABC):
     # ---------------------------------------------------------- change feed
     def changes_since(self, cursor: int, limit: int = 1000) -> tuple[int, list[Change]]:
         """Blocking. Changes committed after ``cursor`` by sessions other than
-        this one, oldest first, and the new cursor.  ``cursor`` 0 means "from
+        this one, oldest first, and the new cursor.  ``cursor`` -1 means "from
         now": returns the current position and no changes.  Engines without a
         feed return ``(cursor, [])``; clients then rely on timeouts."""
         return cursor, []
+
+    def publish(self, changes: list[Change]) -> None:
+        """Blocking. Record changes this session made (after they committed),
+        for other clients' ``changes_since``.  Default: no feed."""
 
     def wait_changes(self, cursor: int, timeout: float) -> None:
         """Blocking. Return when changes after ``cursor`` may exist, or after

@@ -120,7 +120,7 @@ class PostgresDialect(Dialect):
 
     def connect(self, create: bool) -> Any:
         try:
-            return self._connect()
+            return PgConnection(self._connect())
         except psycopg.OperationalError as exc:
             if not _MISSING_DB.search(str(exc)):
                 raise MetaError(f"{self.description}: {one_line(exc)}") from None
@@ -129,7 +129,7 @@ class PostgresDialect(Dialect):
                                             "(volume not formatted)") from None
         self._create_database()
         try:
-            return self._connect()
+            return PgConnection(self._connect())
         except psycopg.OperationalError as exc:
             raise MetaError(f"{self.description}: {one_line(exc)}") from None
 
@@ -160,17 +160,12 @@ class PostgresDialect(Dialect):
                         f"database to create it from: {one_line(last) if last else ''}")
 
     def usable(self, conn: Any) -> bool:
-        return not (conn.closed or conn.broken)
+        return not (conn.raw.closed or conn.raw.broken)
 
     # ----------------------------------------------------------- transactions
     def begin(self, conn: Any, write: bool) -> None:
-        try:
-            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE" if write
-                         else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise StaleConnection(one_line(exc)) from exc
+        conn.begin("BEGIN ISOLATION LEVEL SERIALIZABLE" if write
+                   else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
     def is_retryable(self, exc: BaseException) -> bool:
         if isinstance(exc, StaleConnection):
@@ -194,3 +189,97 @@ class PostgresEngine(SqlEngine):
 
     def __init__(self, url: str):
         super().__init__(PostgresDialect(parse_url(url)))
+
+
+class PgConnection:
+    """A psycopg connection (autocommit; the engine issues BEGIN) whose ``BEGIN`` is
+    sent with the transaction's first statement, in one round trip, and whose lost
+    connections before ``COMMIT`` become ``StaleConnection`` (the server rolls an
+    open transaction back when its connection goes, so running it again is safe)."""
+
+    __slots__ = ("raw", "pending")
+
+    def __init__(self, raw: psycopg.Connection):
+        self.raw = raw
+        self.pending: str | None = None  # a BEGIN not sent yet
+
+    def begin(self, stmt: str) -> None:
+        self.pending = stmt
+
+    def cursor(self) -> "PgCursor":
+        return PgCursor(self)
+
+    def commit(self) -> None:
+        if self.pending is not None:  # no statement ran: nothing to commit
+            self.pending = None
+            return
+        self.raw.commit()  # a failure here is ambiguous (committed or not): not retried
+
+    def rollback(self) -> None:
+        self.pending = None
+        self.raw.rollback()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def lost(self, exc: BaseException) -> BaseException:
+        """``exc`` as StaleConnection if the connection is gone, else unchanged."""
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and (
+                self.raw.broken or self.raw.closed):
+            self.pending = None
+            return StaleConnection(one_line(exc))
+        return exc
+
+
+class PgCursor:
+    """The DB-API subset sql.Txn uses, over PgConnection (see there)."""
+
+    __slots__ = ("conn", "cur")
+
+    def __init__(self, conn: PgConnection):
+        self.conn = conn
+        self.cur: psycopg.Cursor = conn.raw.cursor()
+
+    def execute(self, query: str, params=()) -> None:
+        try:
+            begin = self.conn.pending
+            if begin is None:
+                self.cur.execute(query, params)
+                return
+            self.conn.pending = None
+            # BEGIN and the statement in one simple-protocol message (client-side binding)
+            cur = psycopg.ClientCursor(self.conn.raw)
+            cur.execute(f"{begin}; {query}", params)
+            cur.nextset()
+            self.cur.close()
+            self.cur = cur
+        except Exception as exc:
+            lost = self.conn.lost(exc)
+            if lost is exc:
+                raise
+            raise lost from exc
+
+    def executemany(self, query: str, rows) -> None:
+        try:
+            if self.conn.pending is not None:
+                begin, self.conn.pending = self.conn.pending, None
+                self.conn.raw.execute(begin)
+            self.cur.executemany(query, rows)
+        except Exception as exc:
+            lost = self.conn.lost(exc)
+            if lost is exc:
+                raise
+            raise lost from exc
+
+    @property
+    def rowcount(self) -> int:
+        return self.cur.rowcount
+
+    def fetchone(self):
+        return self.cur.fetchone()
+
+    def fetchall(self):
+        return self.cur.fetchall()
+
+    def close(self) -> None:
+        self.cur.close()

@@ -299,6 +299,20 @@ def parse_url(url: str) -> str:
 
 
 # ------------------------------------------------------------ transactions
+CHANGES_KEY = b"changes"
+CHANGES_MAXLEN = 100_000
+
+
+def _stream_cursor(raw: bytes) -> int:
+    ms, _, seq = bytes(raw).partition(b"-")
+    return int(ms) * 1_000_000 + int(seq or 0)
+
+
+def _stream_id(cursor: int) -> bytes:
+    ms, seq = divmod(max(cursor, 0), 1_000_000)
+    return b"%d-%d" % (ms, seq)
+
+
 def _roundtrip(conn: Any, cmds: list[tuple]) -> list[Any]:
     """Send ``cmds`` in one packet and read every reply (error replies as values)."""
     conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
@@ -625,6 +639,54 @@ class RedisEngine(Engine):
             return _check([r])[0]
 
         return self._txn(fn)
+
+    # ------------------------------------------------------------ change feed
+    def _plain(self, cmds: list[tuple]) -> list[Any]:
+        """Commands outside any transaction (the change feed only)."""
+        conn = self._conn()
+        try:
+            return _check(_roundtrip(conn, cmds))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            conn.disconnect()
+            raise MetaError(f"{self.description}: {exc}") from None
+        finally:
+            self._pool.release(conn)
+
+    def publish(self, changes: list) -> None:
+        """Blocking. Append this session's changes to the ``changes`` stream
+        (capped at about CHANGES_MAXLEN entries)."""
+        if not changes:
+            return
+        self._plain([(b"XADD", CHANGES_KEY, b"MAXLEN", b"~", CHANGES_MAXLEN, b"*",
+                      b"s", self.sid, b"i", c.ino, b"p", c.parent, b"n", c.name)
+                     for c in changes])
+
+    def changes_since(self, cursor: int, limit: int = 1000):
+        """Blocking. See Engine.changes_since; the cursor encodes a stream id
+        ``ms-seq`` as ``ms * 10**6 + seq``."""
+        from .engine import Change
+
+        if cursor < 0:
+            (last,) = self._plain([(b"XREVRANGE", CHANGES_KEY, b"+", b"-", b"COUNT", 1)])
+            return (_stream_cursor(last[0][0]) if last else 0), []
+        (rows,) = self._plain([(b"XRANGE", CHANGES_KEY, b"(" + _stream_id(cursor), b"+",
+                                b"COUNT", limit)])
+        if not rows:
+            return cursor, []
+        out = []
+        for sid_raw, fields in rows:
+            f = dict(zip(fields[::2], fields[1::2]))
+            sid = _int(f.get(b"s"))
+            if sid != self.sid:
+                out.append(Change(_stream_cursor(sid_raw), sid, _int(f.get(b"i")),
+                                  _int(f.get(b"p")), bytes(f.get(b"n") or b"")))
+        return _stream_cursor(rows[-1][0]), out
+
+    def wait_changes(self, cursor: int, timeout: float) -> None:
+        """Blocking. XREAD BLOCK until an entry after ``cursor`` exists or ``timeout``."""
+        start = b"$" if cursor < 0 else _stream_id(cursor)
+        self._plain([(b"XREAD", b"COUNT", 1, b"BLOCK", max(1, int(timeout * 1000)),
+                      b"STREAMS", CHANGES_KEY, start)])
 
     def _reserve(self, key: bytes, batch: int) -> int:
         """INCRBY ``key`` by ``batch`` (its own atomic step); the new value."""

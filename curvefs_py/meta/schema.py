@@ -16,6 +16,7 @@ Counters (table ``counter``):
 * ``next_session`` the next session id (starts at 1; 0 means "no session").
 * ``used_space``   sum over regular-file inodes of ``length`` rounded up to
   4 KiB (includes unlinked-but-sustained files until they are removed).
+* ``next_change``  the next change-feed sequence number (``changelog.seq``).
 * ``used_inodes``  number of ``node`` rows, the root included (what ``df -i``
   shows as used; ``Format.inodes`` limits it).
 
@@ -36,6 +37,7 @@ COUNTERS = {
     "next_session": 1,
     "used_space": 0,
     "used_inodes": 0,
+    "next_change": 1,
 }
 
 #: Rounding of ``used_space``: every regular file counts ``ceil(length / 4 KiB) * 4 KiB``.
@@ -131,7 +133,22 @@ CREATE TABLE IF NOT EXISTS sustained (
     PRIMARY KEY (sid, ino)
 )""",
     "CREATE INDEX IF NOT EXISTS sustained_ino ON sustained (ino)",
+    """
+CREATE TABLE IF NOT EXISTS changelog (
+    seq    BIGINT NOT NULL PRIMARY KEY,  -- from next_change, in commit order (one writer / SERIALIZABLE)
+    sid    BIGINT NOT NULL,              -- the session that made the change (its own rows are skipped)
+    ino    BIGINT NOT NULL,              -- > 0: this inode's attributes or data changed
+    parent BIGINT NOT NULL,              -- > 0: the entry (parent, name) was added, removed or replaced
+    name   BLOB NOT NULL,
+    ts     BIGINT NOT NULL               -- ns; rows older than CHANGELOG_KEEP_S are pruned
+    -- A feed of kernel-cache invalidations for other clients (Engine.changes_since).
+    -- Written after the change itself commits: a lost row only costs staleness up to
+    -- the attr/entry timeout, never wrong data (open checks data_version).
+)""",
 ]
+
+#: How long change-feed rows are kept (a client that lags longer rereads from "now").
+CHANGELOG_KEEP_S = 600
 
 
 def render(types: Mapping[str, str] | None = None) -> list[str]:

@@ -515,6 +515,47 @@ class SqlEngine(Engine):
                          write=False)
         return [{**json.loads(info), "sid": int(sid), "heartbeat": hb / 1e9} for sid, hb, info in rows]
 
+    # ============================================================ change feed
+    def publish(self, changes: list) -> None:
+        """Blocking. Append changes of this session to the change log (one txn)."""
+        if not changes:
+            return
+        sid, now = self.sid, _now()
+
+        def fn(tx: Txn) -> None:
+            if not self.dialect.table_exists(tx.cur, "changelog"):
+                for stmt in schema.render(self.dialect.types):
+                    if "changelog" in stmt:
+                        tx.run(stmt)
+                tx.run("INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                       "next_change", 1)
+            base = self._add_counter(tx, "next_change", len(changes)) - len(changes)
+            tx.many("INSERT INTO changelog (seq, sid, ino, parent, name, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(base + i, sid, c.ino, c.parent, c.name, now) for i, c in enumerate(changes)])
+            if base % 256 < len(changes):  # now and then: prune old rows
+                tx.run("DELETE FROM changelog WHERE ts < ?", now - int(schema.CHANGELOG_KEEP_S * 1e9))
+
+        self._txn(fn)
+
+    def changes_since(self, cursor: int, limit: int = 1000):
+        """Blocking. See Engine.changes_since."""
+        from .engine import Change
+
+        def fn(tx: Txn):
+            if not self.dialect.table_exists(tx.cur, "changelog"):
+                return max(cursor, 0), []
+            if cursor < 0:
+                return max(int(self._counter(tx, "next_change")) - 1, 0), []
+            rows = tx.all("SELECT seq, sid, ino, parent, name FROM changelog WHERE seq > ?"
+                          " ORDER BY seq LIMIT ?", cursor, limit)
+            if not rows:
+                return cursor, []
+            out = [Change(int(seq), int(sid), int(ino), int(parent), _b(name))
+                   for seq, sid, ino, parent, name in rows if sid != self.sid]
+            return int(rows[-1][0]), out
+
+        return self._txn(fn, write=False)
+
     # ==================================================================== ids
     def next_slice_id(self) -> int:
         with self._slice_lock:

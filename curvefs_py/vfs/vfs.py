@@ -42,7 +42,7 @@ class KernelNotifier(Protocol):
 
     async def invalidate_inode(self, ino: int, attr_only: bool = False) -> None: ...
 
-    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
+    async def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
     async def store(self, ino: int, off: int, data: bytes, length: int) -> bool: ...
 
@@ -76,6 +76,9 @@ class VFS:
         self.inode_reads: Dict[int, int] = {}
         self.names: Dict[int, bytes] = {}
         self.kernel_probe = None  # set by the daemon when the BPF probes loaded
+        #: changes made here, published to other clients by ``_publisher``
+        self._changes: list = []
+        self._changes_kick = trio.Event()
         self._delete_kick = trio.Event()
         self._local_deletes: list[tuple[int, int]] = []
         self._nursery: Optional[trio.Nursery] = None
@@ -148,14 +151,35 @@ class VFS:
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
+        nursery.start_soon(self._publisher, name="change-publisher")
 
     async def close(self) -> None:
         """Flush every writer and run the deleter once (unmount path)."""
         await self.writers.flush_all()
         await self._delete_pending()
 
+    def _changed(self, ino: int = 0, parent: int = 0, name: bytes = b"") -> None:
+        """Note a committed change for other clients' kernel caches."""
+        from ..meta.engine import Change
+
+        self._changes.append(Change(0, 0, ino, parent, name))
+        self._changes_kick.set()
+
+    async def _publisher(self) -> None:
+        """Publish our changes in batches (about every 50 ms while busy)."""
+        while True:
+            await self._changes_kick.wait()
+            self._changes_kick = trio.Event()
+            await trio.sleep(0.05)
+            batch, self._changes = list(dict.fromkeys(self._changes)), []
+            try:
+                await self._meta(self.engine.publish, batch)
+            except Exception as exc:  # others fall back to their attr/entry timeouts
+                log.warning("publishing %d changes failed: %s", len(batch), exc)
+
     def _on_commit(self, attr: Attr) -> None:
         ino = attr.ino
+        self._changed(ino)
         self.pusher.changed(ino)
         for key in [k for k in self._slices if k[0] == ino]:
             del self._slices[key]
@@ -235,7 +259,7 @@ class VFS:
     async def _follow_changes(self) -> None:
         """Invalidate this kernel's entries and inodes that other clients changed
         (DESIGN §7): with a change feed, long attr/entry timeouts are safe."""
-        cursor, _ = await self._meta(self.engine.changes_since, 0)
+        cursor, _ = await self._meta(self.engine.changes_since, -1)
         wait = float(self.options.get("feed_interval", 0.2))
         while True:
             try:
@@ -263,8 +287,8 @@ class VFS:
                     pass
             if self.notifier is not None:
                 await self.notifier.invalidate_inode(ch.ino)
-        if ch.parent and self.notifier is not None:
-            self.notifier.invalidate_entry(ch.parent, ch.name)
+        if ch.parent and ch.name and self.notifier is not None:
+            await self.notifier.invalidate_entry(ch.parent, ch.name)
 
     # -------------------------------------------------------- namespace
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -295,8 +319,10 @@ class VFS:
         attr = await self._meta(self.engine.setattr, ino, changes)
         if changes.length is not None:
             self._on_commit(attr)
-        elif ino in self.open_attrs:
-            self.open_attrs[ino] = attr
+        else:
+            self._changed(ino)
+            if ino in self.open_attrs:
+                self.open_attrs[ino] = attr
         return self._with_dirty(attr)
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
@@ -304,7 +330,9 @@ class VFS:
         self._check_writable()
         if parent == ROOT_INODE and name in INTERNAL_NAMES:
             raise FsError(errno.EEXIST)
-        return await self._meta(self.engine.mknod, parent, name, mode, uid, gid, rdev, target)
+        attr = await self._meta(self.engine.mknod, parent, name, mode, uid, gid, rdev, target)
+        self._changed(parent, parent, name)
+        return attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return await self.mknod(parent, name, stat.S_IFDIR | (mode & 0o7777), 0, uid, gid)
@@ -319,12 +347,16 @@ class VFS:
         if parent == ROOT_INODE and name in INTERNAL_NAMES:
             raise FsError(errno.EPERM)
         attr = await self._meta(self.engine.unlink, parent, name, self.handles.is_open)
+        self._changed(parent, parent, name)
+        self._changed(attr.ino)
         self._delete_kick.set()
         return attr
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         self._check_writable()
-        await self._meta(self.engine.rmdir, parent, name)
+        ino = await self._meta(self.engine.rmdir, parent, name)
+        self._changed(parent, parent, name)
+        self._changed(ino)
 
     async def rename(self, parent: int, name: bytes, newparent: int, newname: bytes,
                      flags: int = 0) -> None:
@@ -332,8 +364,13 @@ class VFS:
         for p, n in ((parent, name), (newparent, newname)):
             if p == ROOT_INODE and n in INTERNAL_NAMES:
                 raise FsError(errno.EPERM)
-        await self._meta(self.engine.rename, parent, name, newparent, newname, flags,
-                         self.handles.is_open)
+        moved, replaced = await self._meta(self.engine.rename, parent, name, newparent, newname,
+                                           flags, self.handles.is_open)
+        self._changed(parent, parent, name)
+        self._changed(newparent, newparent, newname)
+        self._changed(moved)
+        if replaced is not None:
+            self._changed(replaced.ino)
         self._delete_kick.set()
 
     async def link(self, ino: int, newparent: int, newname: bytes) -> Attr:
@@ -341,6 +378,8 @@ class VFS:
         if is_internal(ino):
             raise FsError(errno.EPERM)
         attr = await self._meta(self.engine.link, ino, newparent, newname)
+        self._changed(ino, newparent, newname)
+        self._changed(newparent)
         return self._with_dirty(attr)
 
     async def readlink(self, ino: int) -> bytes:
@@ -363,6 +402,7 @@ class VFS:
         if flags & os.O_TRUNC and attr.length:
             await self.writers.flush(ino)
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
+            self._on_commit(attr)
         h = self.handles.new(ino, flags)
         # close-to-open: drop cached slice lists, keep the kernel's pages only
         # while the data version is the one the kernel last saw
@@ -529,6 +569,7 @@ class VFS:
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         await self._meta(self.engine.setxattr, ino, name, value, flags)
+        self._changed(ino)
 
     async def listxattr(self, ino: int) -> list[bytes]:
         if is_internal(ino):
@@ -538,6 +579,7 @@ class VFS:
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
         await self._meta(self.engine.removexattr, ino, name)
+        self._changed(ino)
 
     async def access(self, ino: int, mode: int, uid: int, gids: list[int]) -> bool:
         attr = await self.getattr(ino)

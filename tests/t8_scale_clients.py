@@ -1,0 +1,144 @@
+"""Several clients on one volume: close-to-open data, change-feed invalidation, races.
+
+Each engine (SQLite shared by two daemons on one machine, Redis, PostgreSQL)
+runs the same cases with 2–3 mounts whose attr/entry timeouts are 60 s: what
+client A changes must be visible on B in well under a second, which only the
+change feed (not the timeouts) can deliver.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+import servers
+
+LONG = ("--attr-timeout", "60", "--entry-timeout", "60")
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def meta_url(request, tmp_path):
+    if request.param == "sqlite":
+        return None  # mounts.format makes a new SQLite file
+    if request.param == "redis":
+        return servers.redis_new_db(request.getfixturevalue("redis_server"))
+    return request.getfixturevalue("pg").new_database()
+
+
+def eventually(fn, timeout=1.0, what=""):
+    """Poll ``fn`` until it returns truthy; return the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if fn():
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not visible within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+def test_changes_visible_on_other_client_within_a_second(mounts, meta_url):
+    meta = mounts.format("file", meta=meta_url)
+    a = mounts.mount(meta, *LONG)
+    b = mounts.mount(meta, *LONG)
+    pa, pb = a.path, b.path
+    # B looks at things first, so its kernel caches them for 60 s
+    os.mkdir(os.path.join(pa, "d"))
+    with open(os.path.join(pa, "d", "f"), "wb") as f:
+        f.write(b"one")
+    assert sorted(os.listdir(os.path.join(pb, "d"))) == ["f"]
+    assert os.stat(os.path.join(pb, "d", "f")).st_size == 3
+    assert not os.path.exists(os.path.join(pb, "d", "g"))  # a negative lookup
+    # A changes: new entry, new size, mode, rename, unlink
+    with open(os.path.join(pa, "d", "g"), "wb") as f:
+        f.write(b"g")
+    eventually(lambda: os.path.exists(os.path.join(pb, "d", "g")), what="new file")
+    with open(os.path.join(pa, "d", "f"), "ab") as f:
+        f.write(b"-two")
+    eventually(lambda: os.stat(os.path.join(pb, "d", "f")).st_size == 7, what="new size")
+    os.chmod(os.path.join(pa, "d", "f"), 0o600)
+    eventually(lambda: os.stat(os.path.join(pb, "d", "f")).st_mode & 0o777 == 0o600, what="chmod")
+    os.rename(os.path.join(pa, "d", "g"), os.path.join(pa, "d", "h"))
+    eventually(lambda: not os.path.exists(os.path.join(pb, "d", "g"))
+               and os.path.exists(os.path.join(pb, "d", "h")), what="rename")
+    os.unlink(os.path.join(pa, "d", "h"))
+    took = eventually(lambda: not os.path.exists(os.path.join(pb, "d", "h")), what="unlink")
+    assert took < 1.0
+
+
+def test_close_to_open_data(mounts, meta_url):
+    meta = mounts.format("file", meta=meta_url)
+    a = mounts.mount(meta, *LONG)
+    b = mounts.mount(meta, *LONG)
+    fa, fb = os.path.join(a.path, "x"), os.path.join(b.path, "x")
+    for i in range(5):
+        data = bytes([i]) * (1 << 20)  # same size every time: only the data tells
+        with open(fa, "wb") as f:
+            f.write(data)
+        with open(fb, "rb") as f:  # an open after the close sees the new bytes
+            assert f.read() == data
+
+
+def test_mkdir_race_one_wins(mounts, meta_url):
+    meta = mounts.format("file", meta=meta_url)
+    ms = [mounts.mount(meta, *LONG) for _ in range(3)]
+    results = []
+
+    def make(m):
+        try:
+            os.mkdir(os.path.join(m.path, "race"))
+            results.append("ok")
+        except OSError as exc:
+            results.append(errno.errorcode[exc.errno])
+
+    ts = [threading.Thread(target=make, args=(m,)) for m in ms]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(results) == ["EEXIST", "EEXIST", "ok"]
+
+
+def test_writers_on_two_clients(mounts, meta_url):
+    meta = mounts.format("file", meta=meta_url)
+    a = mounts.mount(meta, *LONG)
+    b = mounts.mount(meta, *LONG)
+    da, db = os.urandom(3 << 20), os.urandom(3 << 20)
+
+    def write(path, data):
+        with open(path, "wb") as f:
+            for off in range(0, len(data), 65536):
+                f.write(data[off:off + 65536])
+
+    # different files at the same time
+    ta = threading.Thread(target=write, args=(os.path.join(a.path, "fa"), da))
+    tb = threading.Thread(target=write, args=(os.path.join(b.path, "fb"), db))
+    ta.start(); tb.start(); ta.join(); tb.join()
+    with open(os.path.join(b.path, "fa"), "rb") as f:
+        assert f.read() == da
+    with open(os.path.join(a.path, "fb"), "rb") as f:
+        assert f.read() == db
+    # the same file: the last close wins, and every block is one writer's whole
+    write(os.path.join(a.path, "same"), da)
+    write(os.path.join(b.path, "same"), db)
+    for m in (a, b):
+        with open(os.path.join(m.path, "same"), "rb") as f:
+            assert f.read() == db
+
+
+def test_status_shows_sessions(mounts, meta_url):
+    from mounthelper import cli
+    import json
+
+    meta = mounts.format("file", meta=meta_url)
+    a = mounts.mount(meta)
+    b = mounts.mount(meta)
+    out = json.loads(cli("status", meta, "--json").stdout)
+    mps = sorted(s["mountpoint"] for s in out["sessions"])
+    assert mps == sorted([a.path, b.path])
+    assert out["usage"]["used_inodes"] >= 1
