@@ -116,9 +116,7 @@ def write_durable(m) -> tuple[dict[str, bytes], list[int]]:
         os.pwrite(fd, chunk, off)
         if off > len(ref):
             ref.extend(bytes(off - len(ref)))
-        ref[off:off + n] = chunk
-        if len(ref) < off + n:
-            pass
+        ref[off:off + n] = chunk  # grows ref when the write ends past it
     os.fsync(fd)
     open_fds.append(fd)
     want["patched"] = bytes(ref)

@@ -184,7 +184,7 @@ def test_env_full_suite_on_curvefs_then_nothing_left(tmp_path):
     assert all(x["condition"] == "1gbit 5ms" and x["ratio"]["tmpfs"] > 0 for x in cfs.values())
     assert cfs["seq_write"]["value"] > 0 and cfs["stat_storm"]["p99_us"] > 0
     cond = doc["meta"]["environment"]["conditions"][0]
-    assert cond["measured"]["up_bps"] > 0.5e9 and cond["measured"]["ttfb_ms"] >= 5
+    assert cond["measured"]["up_bps"] > 0.2e9 and cond["measured"]["ttfb_ms"] >= 5
     for f in ("table.txt", "table.md", "throughput.png", "latency.png", "ratio.png"):
         assert (out / f).stat().st_size > 0, f
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"

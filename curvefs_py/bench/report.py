@@ -124,6 +124,16 @@ def machine_facts() -> dict:
             facts["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
+    try:   # read-only look at the code that was measured
+        repo = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if rev:
+            facts["revision"] = rev + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     if shutil.which("fio"):
         try:
             facts["fio"] = subprocess.run(["fio", "--version"], capture_output=True, text=True,
@@ -240,7 +250,7 @@ def write_charts(outdir: Path, results: list[JobResult]) -> list[Path]:
         b = bases[0]
         mounts = [k for k in series if any(r.kind != "baseline" for r in results
                                            if (r.condition, r.system) == k)]
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(jobs) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(jobs) + 4), 4))
         w = 0.8 / max(1, len(mounts))
         for i, key in enumerate(mounts):
             xs, ys = [], []
@@ -257,7 +267,7 @@ def write_charts(outdir: Path, results: list[JobResult]) -> list[Path]:
         ax.set_ylabel(f"ratio to {b} (log)")
         ax.set_title(f"throughput / IOPS relative to {b} in the same run")
         if mounts:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         p = outdir / "ratio.png"
         fig.savefig(p, dpi=90)
@@ -305,6 +315,7 @@ def render_summary_md(results: list[JobResult], meta: dict) -> str:
              "## Machine", "",
              f"- CPU: {m.get('cpu', '?')} x {m.get('cpus', '?')}, memory {m.get('memory_gib', '?')} GiB",
              f"- kernel {m.get('kernel', '?')}, Python {m.get('python', '?')}, {m.get('fio', 'fio ?')}",
+             f"- curvefs_py revision {m.get('revision', '?')}",
              ]
     p = meta.get("params", {})
     lines.append(f"- fio parameters: SIZE={p.get('size')}, RUNTIME={p.get('runtime_s')} s, "
@@ -347,3 +358,31 @@ def summary_counts(results: Iterable[JobResult]) -> dict:
     for r in results:
         out[r.status] = out.get(r.status, 0) + 1
     return out
+
+
+def load_results(path: Path) -> tuple[list[JobResult], dict]:
+    """Read a ``results.json`` back (for re-rendering)."""
+    doc = json.loads(Path(path).read_text())
+    fields = set(JobResult.__dataclass_fields__)
+    rows = [JobResult(**{k: v for k, v in d.items() if k in fields}) for d in doc["results"]]
+    return rows, doc.get("meta", {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m curvefs_py.bench.report OUT``: redraw table, summary and charts of a run."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m curvefs_py.bench.report", description=main.__doc__)
+    p.add_argument("out", type=Path, help="output directory of a `curvefs bench` run")
+    a = p.parse_args(argv)
+    results, meta = load_results(a.out / "results.json")
+    (a.out / "table.txt").write_text(render_text(results))
+    (a.out / "table.md").write_text(render_markdown(results))
+    (a.out / "summary.md").write_text(render_summary_md(results, meta))
+    write_charts(a.out, results)
+    print(render_text(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

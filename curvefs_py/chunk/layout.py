@@ -87,22 +87,3 @@ def overlay(slices: Sequence[Slice], start: int, length: int) -> list[Segment]:
         else:
             result.append(Segment(a, b - a, s.id, s.size, s.off + (a - s.pos)))
     return result
-
-
-def visible_ids(slices: Sequence[Slice], chunk_size: int) -> set[int]:
-    """Ids of the slices that still show through somewhere in the chunk."""
-    return {seg.id for seg in overlay(slices, 0, chunk_size) if seg.id}
-
-
-def compact_list(slices: Sequence[Slice], chunk_size: int) -> tuple[list[Slice], list[Slice]]:
-    """Split a chunk's slices into (kept, hidden): hidden slices show nowhere
-    (holes are dropped when hidden too). Order of kept slices is preserved."""
-    shown = visible_ids(slices, chunk_size)
-    kept, hidden = [], []
-    for i, s in enumerate(slices):
-        if s.id:
-            (kept if s.id in shown else hidden).append(s)
-        elif any(seg.id == 0 for seg in overlay(slices[i + 1:], s.pos, s.len)):
-            # a hole matters only where no later slice covers it
-            kept.append(s)
-    return kept, hidden

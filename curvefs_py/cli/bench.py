@@ -127,14 +127,23 @@ def run(args) -> int:
         _keep_fio_json(results, out / "fio")
     finally:
         if own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+            left = [x for x in envrun.verify_clean(workdir) if x.startswith("mount ")]
+            if left:   # never rmtree into a mount that failed to go away
+                print(f"curvefs bench: left {workdir} in place: still mounted: {', '.join(left)}",
+                      file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
     meta["duration_s"] = round(time.monotonic() - t0, 1)
     text = report.render_text(results)
     (out / "table.txt").write_text(text)
     (out / "table.md").write_text(report.render_markdown(results))
     report.write_json(out / "results.json", results, meta)
     (out / "summary.md").write_text(report.render_summary_md(results, meta))
-    charts = report.write_charts(out, results)
+    try:
+        charts = report.write_charts(out, results)
+    except ImportError:
+        charts = []
+        print("curvefs bench: no charts: matplotlib is not installed", file=sys.stderr)
     print(text, end="")
     counts = report.summary_counts(results)
     print(f"\n{counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run in "
@@ -187,6 +196,10 @@ def _run_env(args, params, jobs, baselines, workdir, progress_factory, log, SYST
 
     if os.geteuid() != 0:
         raise QuietError("--env needs root (network namespaces, qdiscs, mounts)", 1)
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        raise QuietError("--env needs pyroute2 (pip install pyroute2)", 1) from None
     systems = _csv(args.systems)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:

@@ -29,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--push-whole-max", default="128M", help="on open for reading, push whole files up to this size (larger ones: their first 8 MiB) from the local block cache into the page cache (default 128M)")
     p.add_argument("--io-timeout", type=float, default=30.0,
                    help="seconds to keep retrying a failing object request before the caller gets EIO (default 30)")
+    p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
@@ -52,7 +53,8 @@ def _options(args) -> MountOptions:
         negative_timeout=args.negative_timeout, log_file=args.log_file, debug=args.debug,
         no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
-        push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout)
+        push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
+        extra={"compact_threshold": args.compact_threshold})
 
 
 def run(args) -> int:

@@ -125,6 +125,7 @@ def serve(opts: MountOptions) -> int:
                    "cache_size": opts.cache_size, "mountpoint": mp, "meta_url": _redact(opts.meta_url)}
     if opts.readahead:
         vfs_options["readahead"] = opts.readahead
+    vfs_options.update(opts.extra)
     vfs = VFS(engine, chunks, fmt, notifier=notifier, options=vfs_options)
     ops = Operations(vfs, attr_timeout=opts.attr_timeout, entry_timeout=opts.entry_timeout,
                      negative_timeout=opts.negative_timeout)

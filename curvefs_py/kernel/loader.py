@@ -336,7 +336,8 @@ def _load(probe, target, programs, tracefs, bpf_dir, extra_cflags) -> KernelProb
 
 async def load_async(mountpoint_or_dev, *, timeout: float = 60.0, **kwargs) -> KernelProbe:
     """:func:`load` in a trio worker thread, giving up after ``timeout`` seconds
-    (then ``available=False``; the late result is closed when it arrives)."""
+    (then ``available=False``).  A load abandoned by the timeout or by an outer
+    cancellation closes its probe itself when the compile finally returns."""
     import trio
 
     lock = threading.Lock()
@@ -349,12 +350,17 @@ async def load_async(mountpoint_or_dev, *, timeout: float = 60.0, **kwargs) -> K
                 p.close()
         return p
 
-    with trio.move_on_after(timeout):
-        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
-    with lock:
-        state["abandoned"] = True
-    probe = KernelProbe()
-    return _fail(probe, f"loading BPF timed out after {timeout:g}s")
+    probe = None
+    try:
+        with trio.move_on_after(timeout):
+            probe = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    finally:
+        if probe is None:
+            with lock:
+                state["abandoned"] = True
+    if probe is None:
+        probe = _fail(KernelProbe(), f"loading BPF timed out after {timeout:g}s")
+    return probe
 
 
 def _main(argv=None) -> int:

@@ -264,13 +264,16 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def write(self, ino: int, slices: list[tuple[int, Slice]], min_length: int,
-              mtime_ns: int) -> Attr:
+              mtime_ns: int, expect_version: Optional[int] = None) -> Attr:
         """Blocking. Commit written slices ``[(chunk_idx, slice), ...]`` in one
         transaction: append each to its chunk, set length = max(length,
         min_length), mtime = ctime = ``mtime_ns``, bump data_version, update
         used space (ENOSPC over capacity; nothing is committed then).  Slices
         that no longer show through are removed and queued for deletion.
-        ENOENT if the inode is gone (then the caller deletes the objects)."""
+        ENOENT if the inode is gone (then the caller deletes the objects).
+        ``expect_version``: commit only if the inode's data_version still is
+        that (else EAGAIN, nothing committed) — compaction rewrites a chunk's
+        visible bytes as one slice and must not cover a newer write."""
 
     @abc.abstractmethod
     def pending_deletes(self, limit: int = 1000) -> list[tuple[int, int]]:

@@ -31,12 +31,13 @@ client would only abort each other (and a deadlock costs PostgreSQL's
 Connections.  The pool of sql.py gives each transaction its own connection, so
 any number of worker threads may call the engine; there are as many
 connections as calls ever ran at once (the daemon's ``META`` limiter bounds
-that).  A pooled connection that died (server restart, idle timeout) fails at
-``BEGIN``, is dropped and the transaction runs again on a new one; a failure
-later in a transaction is not retried (a lost ``COMMIT`` may have committed)
-and becomes ``MetaError``.  Statements are not prepared server-side: psycopg
-forgets prepared statements at every rollback, and a lookup that misses ends in
-one.
+that).  ``BEGIN`` travels with a transaction's first statement (one round
+trip less; ``PgConnection``).  A connection lost before ``COMMIT`` (server
+restart, idle timeout, network) is dropped and the transaction runs again on a
+new one: the server rolled it back.  A connection lost during ``COMMIT`` is not
+retried (it may have committed) and becomes ``MetaError``.  Statements are not
+prepared server-side: psycopg forgets prepared statements at every rollback,
+and a lookup that misses ends in one.
 
 Errors.  An unreachable server, a failed authentication or a missing database
 without the right to create it are ``MetaError``/``FsError`` with a one-line

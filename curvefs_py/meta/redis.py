@@ -1293,7 +1293,7 @@ class RedisEngine(Engine):
         return [_unpack_slice(r) for r in rows]
 
     def write(self, ino: int, slices: list[tuple[int, Slice]], min_length: int,
-              mtime_ns: int) -> Attr:
+              mtime_ns: int, expect_version: Optional[int] = None) -> Attr:
         for idx, s in slices:
             if (idx < 0 or s.pos < 0 or s.len <= 0 or s.off < 0 or s.id < 0
                     or (s.id and s.off + s.len > s.size) or s.size > _U32 or s.pos + s.len > _U32):
@@ -1308,6 +1308,8 @@ class RedisEngine(Engine):
                 raise FsError(errno.EISDIR, "write to a directory")
             if not a.is_file:
                 raise FsError(errno.EINVAL, "write to a special file")
+            if expect_version is not None and a.data_version != expect_version:
+                raise FsError(errno.EAGAIN, "the file changed meanwhile")
             fmt = _fmt(raw)
             for idx, s in slices:
                 if s.pos + s.len > fmt.chunk_size:

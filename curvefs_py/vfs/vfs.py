@@ -24,6 +24,7 @@ import trio
 from .. import ROOT_INODE, metrics, threads
 from ..errors import FsError, NoSuchKey
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
+from .compactor import Compactor
 from .handles import Handles
 from .internal import CONFIG_INO, CONTROL_INO, NAMES as INTERNAL_NAMES, STATS_INO, InternalFiles, is_internal
 from .pusher import Pusher
@@ -63,7 +64,9 @@ class VFS:
         self.kernel_versions: Dict[int, int] = {}
         self.writers = Writers(chunks, self._meta_call, self._new_slice_id, fmt.block_size,
                                fmt.chunk_size, on_commit=self._on_commit,
-                               delete_later=self._delete_later)
+                               delete_later=self._delete_later,
+                               on_slices=lambda ino, idxs: self.compactor.committed(ino, idxs))
+        self.compactor = Compactor(self, int(self.options.get("compact_threshold", 64)))
         self.reader = Reader(chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
                              readahead=int(self.options.get("readahead", 4 * fmt.block_size)))
         self.internal = InternalFiles(self._config, self._inode_stats)
@@ -199,6 +202,7 @@ class VFS:
         s = self._slices.get(key)
         if s is None:
             s = await self._meta(self.engine.read_chunk, ino, chunk_idx)
+            self.compactor.seen(ino, chunk_idx, len(s))
             if ino in self.open_attrs:  # cache only for open files (dropped at open/commit)
                 self._slices[key] = s
         return s

@@ -129,7 +129,8 @@ class Writers:
     def __init__(self, chunks: "ChunkStore", engine_call, new_slice_id, block_size: int,
                  chunk_size: int, *, max_uploads: int = 32, max_slices: int = 1000,
                  max_buffer: int = 256 << 20, on_commit: Callable[[Attr], None] | None = None,
-                 delete_later: Callable[[int, int], None] | None = None):
+                 delete_later: Callable[[int, int], None] | None = None,
+                 on_slices: Callable[[int, list], None] | None = None):
         self.chunks = chunks
         self._engine_call = engine_call  # async (fn_name, *args) -> result
         self._new_slice_id = new_slice_id  # async () -> int
@@ -141,6 +142,7 @@ class Writers:
         self.max_buffer = max_buffer
         self.on_commit = on_commit
         self.delete_later = delete_later
+        self.on_slices = on_slices
         self.nursery: Optional[trio.Nursery] = None
 
     def get(self, ino: int) -> Optional[FileWriter]:
@@ -250,6 +252,8 @@ class Writers:
             fw.length = 0
             if self.on_commit:
                 self.on_commit(attr)
+            if self.on_slices:
+                self.on_slices(fw.ino, [idx for idx, _ in slices])
 
     async def flush_all(self) -> None:
         for ino in list(self.by_ino):
