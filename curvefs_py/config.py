@@ -35,6 +35,11 @@ def check_meta_url(url: str) -> str:
                      "(expected sqlite3://, redis:// or postgres://)", 3)
 
 
+def redact(url: str) -> str:
+    """A URL fit for messages and logs: the password replaced by ****."""
+    return re.sub(r"://([^:/@]*):([^@]*)@", r"://\1:****@", url)
+
+
 def sqlite_path(url: str) -> str:
     """The database file of a sqlite3:// URL ('sqlite3:///abs/x.db' → '/abs/x.db',
     'sqlite3://rel.db' → 'rel.db')."""

@@ -5,7 +5,7 @@ import errno
 import os
 import uuid
 
-from ..config import check_meta_url, parse_size, sqlite_path
+from ..config import check_meta_url, parse_size, redact, sqlite_path
 from ..errors import FsError, ObjectStoreError, QuietError
 from .. import BLOCK_SIZE, CHUNK_SIZE
 
@@ -61,10 +61,10 @@ def run(args) -> int:
             old = engine.load()
         except FsError as exc:
             if exc.errno != errno.ENOENT:
-                raise QuietError(f"cannot read {args.meta_url}: {exc}", 4) from None
+                raise QuietError(f"cannot read metadata: {exc}", 4) from None
             old = None
         if old is not None and not args.force:
-            raise QuietError(f"{args.meta_url} already holds volume {old.name!r}; use --force to overwrite its settings", 5)
+            raise QuietError(f"{redact(args.meta_url)} already holds volume {old.name!r}; use --force to overwrite its settings", 5)
         try:
             store = open_store(args.storage, bucket, access_key, secret_key, args.region, create=True)
             store.check()
@@ -80,5 +80,5 @@ def run(args) -> int:
             raise QuietError(f"format failed: {exc}", 5 if exc.errno == errno.EEXIST else 4) from None
     finally:
         engine.close()
-    print(f"volume {fmt.name} ({fmt.uuid}) formatted: metadata {args.meta_url}, data {fmt.storage}:{bucket}")
+    print(f"volume {fmt.name} ({fmt.uuid}) formatted: metadata {redact(args.meta_url)}, data {fmt.storage}:{bucket}")
     return 0

@@ -5,7 +5,7 @@ import errno
 import json
 import time
 
-from ..config import check_meta_url
+from ..config import check_meta_url, redact
 from ..errors import FsError, QuietError
 
 
@@ -27,8 +27,8 @@ def run(args) -> int:
             fmt = engine.load()
         except FsError as exc:
             if exc.errno == errno.ENOENT:
-                raise QuietError(f"{args.meta_url} holds no volume", 5) from None
-            raise QuietError(f"cannot read {args.meta_url}: {exc}", 4) from None
+                raise QuietError(f"{redact(args.meta_url)} holds no volume", 5) from None
+            raise QuietError(f"cannot read metadata: {exc}", 4) from None
         sessions = engine.list_sessions()
         usage = engine.usage()
         sf = engine.statfs()

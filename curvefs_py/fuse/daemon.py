@@ -28,7 +28,7 @@ import sys
 import trio
 
 from .. import __version__, metrics, threads
-from ..config import MountOptions
+from ..config import MountOptions, redact
 from ..errors import FsError, ObjectStoreError, QuietError
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def serve(opts: MountOptions) -> int:
         fmt = engine.load()
     except FsError as exc:
         if exc.errno == errno.ENOENT:
-            raise QuietError(f"{opts.meta_url} holds no volume: run `curvefs format` first", 5) from None
-        raise QuietError(f"cannot read metadata from {opts.meta_url}: {exc}", 4) from None
+            raise QuietError(f"{redact(opts.meta_url)} holds no volume: run `curvefs format` first", 5) from None
+        raise QuietError(f"cannot read metadata: {exc}", 4) from None
     try:
         from ..object import RetryPolicy
 
@@ -122,7 +122,7 @@ def serve(opts: MountOptions) -> int:
                    "kernel_cache_budget": opts.kernel_cache_budget,
                    "push_whole_max": opts.push_whole_max,
                    "negative_timeout": opts.negative_timeout, "cache_dir": opts.cache_dir,
-                   "cache_size": opts.cache_size, "mountpoint": mp, "meta_url": _redact(opts.meta_url)}
+                   "cache_size": opts.cache_size, "mountpoint": mp, "meta_url": redact(opts.meta_url)}
     if opts.readahead:
         vfs_options["readahead"] = opts.readahead
     vfs_options.update(opts.extra)
@@ -248,12 +248,6 @@ def _set_kernel_readahead(mp: str, nbytes: int) -> bool:
     except OSError as exc:  # not root, or no sysfs: keep the kernel default
         log.debug("cannot set readahead: %s", exc)
         return True
-
-
-def _redact(url: str) -> str:
-    import re
-
-    return re.sub(r"://([^:/@]*):([^@]*)@", r"://\1:****@", url)
 
 
 def setup_logging(log_file: str | None, debug: bool) -> None:
