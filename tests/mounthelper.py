@@ -36,6 +36,8 @@ class Mount:
     proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30) -> "Mount":
+        if is_mounted(self.path):  # a dead mount left by a killed daemon
+            subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
         os.makedirs(self.path, exist_ok=True)
         cmd = CLI + ["mount", self.meta_url, self.path, "--cache-dir", self.cache_dir,
                      "--log", self.log_file] + list(self.options)

@@ -103,11 +103,15 @@ class ChunkStore:
     """Async block reads/writes/deletes over an ``ObjectStore`` and a ``BlockCache``."""
 
     def __init__(self, store: ObjectStore, cache: BlockCache, block_size: int,
-                 max_prefetch: int = 8):
+                 max_prefetch: int = 8, local_store: bool = False):
         self.store = store
         self.cache = cache
         self.block_size = block_size
         self.max_prefetch = max_prefetch
+        #: a local ``file`` store is as fast as the disk cache: blocks are not
+        #: copied into the disk cache (neither uploads nor fetches), and the
+        #: store itself counts as "held locally" for ``cached_or_disk``
+        self.local_store = local_store
         self._inflight: dict[str, _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._prefetch_keys: set[str] = set()  # scheduled or running prefetches
@@ -169,6 +173,8 @@ class ChunkStore:
         key = self.key(slice_id, slice_size, block_idx)
         data = self.cache.get_mem(key)
         if data is None:
+            if self.local_store:
+                return await self.read_block(slice_id, slice_size, block_idx)
             data = await run_blocking(self.cache.load_disk, key, limiter=DISK)
         return data
 
@@ -240,7 +246,8 @@ class ChunkStore:
         if len(data) != want:
             raise ObjectStoreError(msg=f"object {key} has {len(data)} bytes, expected {want}")
         self.cache.put_mem(key, data)
-        await run_blocking(self.cache.save_disk, key, data, limiter=DISK)
+        if not self.local_store:
+            await run_blocking(self.cache.save_disk, key, data, limiter=DISK)
         return data, _OBJECT
 
     # ------------------------------------------------------------------ writes
@@ -265,7 +272,7 @@ class ChunkStore:
             await run_blocking(self.cache.save_disk, key, data, limiter=DISK)
 
         try:
-            await _gather([put, save])
+            await _gather([put] if self.local_store else [put, save])
         except BaseException:
             with trio.CancelScope(shield=True):
                 await run_blocking(self.cache.remove, key, limiter=DISK)

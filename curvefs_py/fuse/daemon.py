@@ -114,7 +114,8 @@ def serve(opts: MountOptions) -> int:
     except OSError as exc:
         raise QuietError(f"cache dir {opts.cache_dir}: {exc.strerror}", 3) from None
     cache = BlockCache(opts.cache_dir, opts.cache_size, opts.mem_cache_size, fmt.uuid)
-    chunks = ChunkStore(store, cache, fmt.block_size)
+    # a local `file` store is as fast as the disk cache: do not copy uploads into it
+    chunks = ChunkStore(store, cache, fmt.block_size, local_store=fmt.storage == "file")
     engine.new_session({"host": socket.gethostname(), "pid": os.getpid(), "mountpoint": mp,
                         "version": __version__})
     notifier = KernelNotifier(opts.kernel_cache_budget)

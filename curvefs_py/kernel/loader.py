@@ -118,7 +118,7 @@ class KernelProbe:
             try:
                 b.cleanup()
             except Exception as exc:  # never raise from close
-                log.warning("BPF cleanup failed: %s", exc)
+                log.info("BPF cleanup: %s", exc)  # e.g. detaching a probe whose load was abandoned
 
     def _table(self, program: str, name: str):
         b = self.loaded.get(program)
