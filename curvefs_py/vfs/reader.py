@@ -51,9 +51,16 @@ class Reader:
             async def one(dest, sid, ssize, soff, slen):
                 out[dest:dest + slen] = await self.chunks.read(sid, ssize, soff, slen)
 
-            async with trio.open_nursery() as nursery:
-                for p in parts:
-                    nursery.start_soon(one, *p)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for p in parts:
+                        nursery.start_soon(one, *p)
+            except BaseExceptionGroup as group:
+                # callers handle NoSuchKey/ObjectStoreError, not groups: raise the first
+                first = group.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
         return bytes(out)
 
     async def readahead_from(self, ino: int, off: int, length: int) -> None:

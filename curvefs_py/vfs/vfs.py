@@ -448,10 +448,20 @@ class VFS:
             attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
         try:
             data = await self.reader.read(ino, off, size, attr.length)
-        except NoSuchKey as exc:
-            self.failsafe = True
-            log.error("inode %d: object missing (%s): failsafe mode, mutations get EROFS", ino, exc)
-            raise FsError(errno.EIO, str(exc)) from None
+        except NoSuchKey:
+            # Most likely our cached slice list is stale: another client (or our
+            # compactor) committed newer slices and the hidden ones' objects are
+            # gone.  Read again with fresh metadata; only a miss then is damage.
+            metrics.inc("vfs_stale_slice_retries")
+            for key in [k for k in self._slices if k[0] == ino]:
+                del self._slices[key]
+            attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
+            try:
+                data = await self.reader.read(ino, off, size, attr.length)
+            except NoSuchKey as exc:
+                self.failsafe = True
+                log.error("inode %d: object missing (%s): failsafe mode, mutations get EROFS", ino, exc)
+                raise FsError(errno.EIO, str(exc)) from None
         metrics.inc("vfs_read_bytes", len(data))
         end = off + len(data)
         if off == h.last_end or off == 0:
