@@ -5,11 +5,11 @@ fetched, in *units* of one block-size window aligned in the file:
 
 * on ``open`` for reading: whole files up to ``push_whole_max``, else the first
   ``push_head`` bytes — from the memory/disk cache only (never a GET);
-* on a READ that reached the daemon: the rest of the unit around it (so the
-  next random reads in that unit are kernel hits), and for a sequential
-  reader the next ``window`` bytes, prefetched into the block cache first;
-  a unit pushed before and read again was evicted by the kernel: it is
-  re-pushed (``pusher_repushed_bytes``) — pages an application dropped on
+* on a random READ that reached the daemon: the rest of the unit around it
+  (so the next random reads in that unit are kernel hits); a sequential
+  reader is served by the kernel's readahead (raised at mount) while the VFS
+  prefetches its next blocks into the block cache; a unit pushed before and
+  read again was evicted by the kernel: it is re-pushed (``pusher_repushed_bytes``) — pages an application dropped on
   purpose (fadvise DONTNEED, drop_caches) therefore come back only when read;
 * ``warmup``: everything, fetched if needed.
 
@@ -94,7 +94,13 @@ class Pusher:
         self._spawn(ino, 0, end, length, fetch=False, why="open")
 
     def on_read(self, ino: int, off: int, size: int, length: int, sequential: bool) -> None:
-        if not self.enabled or self.blocked(ino):
+        """A READ reached the daemon.  Random reads: push the rest of the unit
+        around it (and re-push an evicted unit).  Sequential readers are left
+        to the kernel's own readahead (set to several blocks at mount), which
+        already asks for the data ahead; the VFS prefetches their next blocks
+        into the block cache instead — pushing the same pages as well only
+        doubled the copying."""
+        if not self.enabled or self.blocked(ino) or sequential:
             return
         u = off // self.unit
         done = self.pushed.get(ino)
@@ -104,9 +110,6 @@ class Pusher:
             self._spawn(ino, u * self.unit, (u + 1) * self.unit, length, fetch=False, why="repush")
         else:
             self._spawn(ino, u * self.unit, (u + 1) * self.unit, length, fetch=False, why="read")
-        if sequential:
-            start = (u + 1) * self.unit
-            self._spawn(ino, start, start + self.window, length, fetch=True, why="ahead")
 
     async def warmup(self, ino: int, length: int, kernel: bool,
                      progress: Callable[[int], None] | None = None) -> int:

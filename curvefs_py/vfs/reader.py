@@ -46,7 +46,10 @@ class Reader:
                     parts.append((base + seg.pos - off, seg.id, seg.size, seg.off, seg.len))
         if len(parts) == 1:
             dest, sid, ssize, soff, slen = parts[0]
-            out[dest:dest + slen] = await self.chunks.read(sid, ssize, soff, slen)
+            data = await self.chunks.read(sid, ssize, soff, slen)
+            if dest == 0 and slen == len(out):
+                return data  # the common case: one slice covers the read, no extra copies
+            out[dest:dest + slen] = data
         elif parts:
             async def one(dest, sid, ssize, soff, slen):
                 out[dest:dest + slen] = await self.chunks.read(sid, ssize, soff, slen)

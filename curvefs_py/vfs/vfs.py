@@ -472,7 +472,7 @@ class VFS:
         h.last_end = end
         if self.pusher.enabled:
             self.pusher.on_read(ino, off, len(data), attr.length, sequential)
-        elif sequential and self._nursery is not None and end < attr.length:
+        if sequential and self._nursery is not None and end < attr.length:
             self._nursery.start_soon(self._readahead, ino, end, attr.length)
         return data
 
