@@ -224,15 +224,22 @@ def run_env(*, workdir: Path, params: suite.Params, jobs: list[suite.Job], basel
     return results, facts
 
 
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+    w = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            if mp == w or mp.startswith(w.rstrip("/") + "/"):
+                out.append(mp)
+    return out
+
+
 def verify_clean(workdir: Optional[Path] = None) -> list[str]:
     """What a run left behind: namespaces, links, mounts below ``workdir``."""
     left = netenv.leftovers()
     out = [f"namespace {n}" for n in left["namespaces"]] + [f"link {l}" for l in left["links"]]
     if workdir:
-        w = os.path.realpath(workdir)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mp = line.split()[4]
-                if mp == w or mp.startswith(w.rstrip("/") + "/"):
-                    out.append(f"mount {mp}")
+        out += [f"mount {mp}" for mp in mounts_below(workdir)]
     return out

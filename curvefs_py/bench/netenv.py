@@ -566,8 +566,16 @@ def remove_netns(name: str, host_if: Optional[str] = None, timeout: float = 5.0)
 def leftovers() -> dict:
     """Namespaces and host links of this module that still exist (for tests and --cleanup)."""
     from pyroute2 import IPRoute, netns
-    with IPRoute() as ipr:
-        links = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+    from pyroute2.netlink.exceptions import NetlinkError
+    for attempt in range(5):   # a dump can fail while other links come and go
+        try:
+            with IPRoute() as ipr:
+                links = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+            break
+        except NetlinkError:
+            if attempt == 4:
+                raise
+            time.sleep(0.1)
     return {"namespaces": [n for n in netns.listnetns() if n.startswith(NS_PREFIX)],
             "links": [l for l in links if l and l.startswith("cfb")]}
 

@@ -127,7 +127,7 @@ def run(args) -> int:
         _keep_fio_json(results, out / "fio")
     finally:
         if own_workdir:
-            left = [x for x in envrun.verify_clean(workdir) if x.startswith("mount ")]
+            left = envrun.mounts_below(workdir)
             if left:   # never rmtree into a mount that failed to go away
                 print(f"curvefs bench: left {workdir} in place: still mounted: {', '.join(left)}",
                       file=sys.stderr)
@@ -146,9 +146,9 @@ def run(args) -> int:
         print("curvefs bench: no charts: matplotlib is not installed", file=sys.stderr)
     print(text, end="")
     counts = report.summary_counts(results)
+    files = ["results.json", "summary.md", "table.txt", "table.md"] + [p.name for p in charts]
     print(f"\n{counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run in "
-          f"{meta['duration_s']:.0f}s; written: {out}/ (results.json, summary.md, table.txt, table.md, "
-          f"{', '.join(p.name for p in charts)})")
+          f"{meta['duration_s']:.0f}s; written: {out}/ ({', '.join(files)})")
     return 1 if counts["failed"] else 0
 
 
