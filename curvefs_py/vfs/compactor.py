@@ -24,7 +24,7 @@ import trio
 
 from .. import metrics
 from ..chunk.layout import overlay
-from ..errors import FsError
+from ..errors import FsError, NoSuchKey
 from ..types import Slice
 
 if TYPE_CHECKING:
@@ -90,9 +90,15 @@ class Compactor:
             return False
         first, last = segs[0].pos, segs[-1].pos + segs[-1].len
         data = bytearray(last - first)
-        for seg in segs:
-            part = await vfs.chunks.read(seg.id, seg.size, seg.off, seg.len)
-            data[seg.pos - first:seg.pos - first + seg.len] = part
+        try:
+            for seg in segs:
+                part = await vfs.chunks.read(seg.id, seg.size, seg.off, seg.len)
+                data[seg.pos - first:seg.pos - first + seg.len] = part
+        except NoSuchKey:
+            # another client committed (or compacted) meanwhile and the slices we
+            # read are gone: nothing to do, that commit made a new list anyway
+            metrics.inc("compact_conflicts")
+            return False
         new_id = await vfs._new_slice_id()
         bs = vfs.fmt.block_size
         async with trio.open_nursery() as n:

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""The kernel fast-path goals, measured against local baselines in the same run.
+
+    .venv/bin/python benchmarks/fastpath.py [--size 64M] [--seq-size 1G] [--runtime 10] [--rounds 3]
+
+Builds a tmpfs and an ext4 directory (baselines) and a curvefs volume (SQLite
+metadata, data on a loopback S3 server, block cache on disk), then runs each
+goal's fio job on the baseline and on the mount, alternating, ``--rounds``
+times, and prints the median of each side and their ratio:
+
+1. warm 4 KiB random reads (psync, 1 job, invalidate=0) vs tmpfs, and daemon
+   READ requests per 1,000 reads (the daemon's ``.stats`` counter);
+2. right after a remount (kernel cache empty, block cache warm): every 4 KiB
+   block of the file once in random order, vs tmpfs, and vs the same volume
+   mounted with pushing off (``--kernel-cache-budget 0``);
+3. stat of 1,000 cached files (fio ``filestat``) vs ext4;
+4. sequential 1 MiB reads of a file held in the block cache (page cache
+   dropped by fio's ``invalidate=1``) vs tmpfs.
+
+Needs root (mounts) and fio.  Everything it mounts or starts is torn down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+from curvefs_py.config import parse_size  # noqa: E402
+from mounthelper import Mount, cli  # noqa: E402
+import servers  # noqa: E402
+
+
+def fio(args: list[str]) -> dict:
+    r = subprocess.run(["fio", "--output-format=json", "--ioengine=psync", "--numjobs=1",
+                        "--group_reporting"] + args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio failed: {r.stderr.strip()[-300:]}")
+    return json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+
+
+def randread(path: str, size: int, runtime: int) -> float:
+    j = fio([f"--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
+             f"--runtime={runtime}", "--time_based", "--invalidate=0"])
+    return j["read"]["iops"]
+
+
+def randread_once(path: str, size: int) -> float:
+    """Every 4 KiB block of the file once, in random order (fio's random map):
+    what a reader sees right after a remount, before anything is cached."""
+    j = fio([f"--name=ro", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
+             "--invalidate=0"])
+    return j["read"]["iops"]
+
+
+def seqread(path: str, size: int) -> float:
+    j = fio([f"--name=sr", f"--filename={path}", "--rw=read", "--bs=1M", f"--size={size}",
+             "--invalidate=1"])
+    return j["read"]["bw_bytes"] / (1 << 20)
+
+
+def statstorm(directory: str, runtime: int) -> float:
+    j = fio([f"--name=st", f"--directory={directory}", "--ioengine=filestat", "--nrfiles=1000",
+             "--filesize=4k", "--openfiles=1", "--file_service_type=sequential",
+             f"--runtime={runtime}", "--time_based", "--create_on_open=0"])
+    return j["read"]["iops"]
+
+
+def make_file(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(block)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--seq-size", default="1G")
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
+    args = ap.parse_args()
+    size, seq_size = parse_size(args.size), parse_size(args.seq_size)
+    work = tempfile.mkdtemp(prefix="curvefs-fastpath-", dir="/var/tmp")
+    tmpfs = os.path.join(work, "tmpfs")
+    ext4 = os.path.join(work, "ext4")
+    os.makedirs(tmpfs)
+    os.makedirs(ext4)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={seq_size + size + (64 << 20)}", "tmpfs", tmpfs], check=True)
+    s3 = servers.start_s3_server(os.path.join(work, "s3"))
+    mounts: list[Mount] = []
+    results: dict[str, dict] = {}
+    try:
+        bucket = s3.create_bucket("fastpath")
+        meta = f"sqlite3://{work}/vol.db"
+        cli("format", meta, "fastpath", "--storage", "s3", "--bucket", bucket,
+            "--access-key", s3.access_key, "--secret-key", s3.secret_key)
+        cache = os.path.join(work, "cache")
+        opts = ["--attr-timeout", "60", "--entry-timeout", "60"]
+        m = Mount(meta, os.path.join(work, "mnt"), cache, os.path.join(work, "mnt.log"), opts)
+        m.start()
+        mounts.append(m)
+        # data: the same files on tmpfs and on the mount
+        for d in (tmpfs, m.path):
+            make_file(os.path.join(d, "rand"), size)
+            make_file(os.path.join(d, "seq"), seq_size)
+        os.makedirs(os.path.join(m.path, "stats"))
+        os.makedirs(os.path.join(ext4, "stats"))
+        for d in (os.path.join(m.path, "stats"), os.path.join(ext4, "stats")):
+            subprocess.run(["fio", "--name=st", f"--directory={d}", "--nrfiles=1000", "--filesize=4k",
+                            "--create_only=1", "--rw=write", "--bs=4k"], check=True, capture_output=True)
+        time.sleep(1)
+
+        def remount(*extra: str) -> None:
+            m.stop()
+            m.options = opts + list(extra)
+            m.start()
+            time.sleep(4)  # let the BPF side car load (it shares the 2 cores)
+
+        rows = {k: ([], []) for k in ("warm", "remount", "remount_nopush", "stat", "seq")}
+        reads_per_1000 = []
+        for rnd in range(args.rounds):
+            # 1. warm random reads
+            rows["warm"][0].append(randread(os.path.join(tmpfs, "rand"), size, args.runtime))
+            with open(os.path.join(m.path, "rand"), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+            before = m.stats()
+            iops = randread(os.path.join(m.path, "rand"), size, args.runtime)
+            after = m.stats()
+            rows["warm"][1].append(iops)
+            n_reads = iops * args.runtime
+            reads_per_1000.append(1000 * (after.get("fuse_op_read_count", 0) - before.get("fuse_op_read_count", 0)) / max(n_reads, 1))
+            # 2. right after a remount, pushing on and off
+            remount()
+            rows["remount"][0].append(randread_once(os.path.join(tmpfs, "rand"), size))
+            rows["remount"][1].append(randread_once(os.path.join(m.path, "rand"), size))
+            remount("--kernel-cache-budget", "0")
+            rows["remount_nopush"][1].append(randread_once(os.path.join(m.path, "rand"), size))
+            remount()
+            # 3. stat storm over 1,000 cached files
+            rows["stat"][0].append(statstorm(os.path.join(ext4, "stats"), args.runtime))
+            statstorm(os.path.join(m.path, "stats"), 1)  # fill the attr/entry caches
+            rows["stat"][1].append(statstorm(os.path.join(m.path, "stats"), args.runtime))
+            # 4. sequential read of a block-cached file (fio drops its pages first)
+            rows["seq"][0].append(seqread(os.path.join(tmpfs, "seq"), seq_size))
+            rows["seq"][1].append(seqread(os.path.join(m.path, "seq"), seq_size))
+            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+
+        med = {k: (statistics.median(a) if a else None, statistics.median(b)) for k, (a, b) in rows.items()}
+        results = {
+            "warm_randread_4k": {"curvefs_iops": med["warm"][1], "tmpfs_iops": med["warm"][0],
+                                 "ratio": med["warm"][1] / med["warm"][0], "goal": 0.9,
+                                 "daemon_reads_per_1000": statistics.median(reads_per_1000), "goal_reads": 1},
+            "remount_randread_4k": {"curvefs_iops": med["remount"][1], "tmpfs_iops": med["remount"][0],
+                                    "ratio": med["remount"][1] / med["remount"][0], "goal": 0.8,
+                                    "pushing_off_iops": med["remount_nopush"][1],
+                                    "vs_pushing_off": med["remount"][1] / med["remount_nopush"][1], "goal_vs_off": 10},
+            "stat_1000_cached": {"curvefs_stats_per_s": med["stat"][1], "ext4_stats_per_s": med["stat"][0],
+                                 "ratio": med["stat"][1] / med["stat"][0], "goal": 0.8},
+            "seqread_block_cached": {"curvefs_mib_s": med["seq"][1], "tmpfs_mib_s": med["seq"][0],
+                                     "ratio": med["seq"][1] / med["seq"][0], "goal": 0.8},
+        }
+    finally:
+        for mm in mounts:
+            try:
+                mm.stop()
+            except Exception as exc:
+                print(f"unmount: {exc}", file=sys.stderr)
+                mm.kill()
+        s3.stop()
+        subprocess.run(["umount", tmpfs])
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'goal':<24} {'curvefs':>12} {'baseline':>12} {'ratio':>7} {'target':>7}")
+    r = results
+    print(f"{'warm 4K randread':<24} {r['warm_randread_4k']['curvefs_iops']:>12,.0f} {r['warm_randread_4k']['tmpfs_iops']:>12,.0f} "
+          f"{r['warm_randread_4k']['ratio']:>7.2f} {'>=0.90':>7}  (tmpfs IOPS; daemon READs per 1000: {r['warm_randread_4k']['daemon_reads_per_1000']:.3f}, target <= 1)")
+    print(f"{'after remount':<24} {r['remount_randread_4k']['curvefs_iops']:>12,.0f} {r['remount_randread_4k']['tmpfs_iops']:>12,.0f} "
+          f"{r['remount_randread_4k']['ratio']:>7.2f} {'>=0.80':>7}  (vs pushing off {r['remount_randread_4k']['pushing_off_iops']:,.0f} IOPS: "
+          f"{r['remount_randread_4k']['vs_pushing_off']:.1f}x, target >= 10x)")
+    print(f"{'stat 1000 cached files':<24} {r['stat_1000_cached']['curvefs_stats_per_s']:>12,.0f} {r['stat_1000_cached']['ext4_stats_per_s']:>12,.0f} "
+          f"{r['stat_1000_cached']['ratio']:>7.2f} {'>=0.80':>7}  (ext4 stats/s)")
+    print(f"{'seq read, block-cached':<24} {r['seqread_block_cached']['curvefs_mib_s']:>12,.0f} {r['seqread_block_cached']['tmpfs_mib_s']:>12,.0f} "
+          f"{r['seqread_block_cached']['ratio']:>7.2f} {'>=0.80':>7}  (tmpfs MiB/s)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
