@@ -89,22 +89,7 @@ class Mount:
             return []
 
     def stats(self) -> dict:
-        out = {}
-        # os.open + os.read: Python's open() would fstat the file and add a stat call
-        fd = os.open(os.path.join(self.path, ".stats"), os.O_RDONLY)
-        try:
-            chunks = []
-            while True:
-                b = os.read(fd, 1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
-            os.close(fd)
-        if True:
-            for line in b"".join(chunks).decode().splitlines():
-                if line.startswith("#") or not line.strip():
-                    continue
-                k, _, v = line.rpartition(" ")
-                out[k] = float(v)
-        return out
+        """The daemon's counters (``.stats``), read as ``curvefs stats`` reads them."""
+        from curvefs_py.cli.stats import read_stats
+
+        return read_stats(self.path)[0]
