@@ -82,6 +82,9 @@ class VFS:
         #: changes made here, published to other clients by ``_publisher``
         self._changes: list = []
         self._changes_kick = trio.Event()
+        #: inodes known to have no security.capability xattr: the kernel asks for
+        #: it before every write (to drop file capabilities), so answer from memory
+        self._no_caps: set[int] = set()
         self._delete_kick = trio.Event()
         self._local_deletes: list[tuple[int, int]] = []
         self._nursery: Optional[trio.Nursery] = None
@@ -280,6 +283,7 @@ class VFS:
     async def _apply_change(self, ch) -> None:
         metrics.inc("vfs_remote_changes")
         if ch.ino:
+            self._no_caps.discard(ch.ino)
             self.kernel_versions.pop(ch.ino, None)
             self.pusher.dropped(ch.ino)
             for key in [k for k in self._slices if k[0] == ch.ino]:
@@ -572,7 +576,18 @@ class VFS:
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if is_internal(ino):
             raise FsError(errno.ENODATA)
-        return await self._meta(self.engine.getxattr, ino, name)
+        caps = name == b"security.capability"
+        if caps and ino in self._no_caps:
+            metrics.inc("vfs_xattr_caps_cached")
+            raise FsError(errno.ENODATA)
+        try:
+            return await self._meta(self.engine.getxattr, ino, name)
+        except FsError as exc:
+            if caps and exc.errno == errno.ENODATA:
+                if len(self._no_caps) > 100_000:
+                    self._no_caps.clear()
+                self._no_caps.add(ino)
+            raise
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self._check_writable()
@@ -582,6 +597,7 @@ class VFS:
             raise FsError(errno.ERANGE)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
+        self._no_caps.discard(ino)
         await self._meta(self.engine.setxattr, ino, name, value, flags)
         self._changed(ino)
 
