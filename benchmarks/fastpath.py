@@ -49,7 +49,7 @@ def fio(args: list[str]) -> dict:
 
 
 def randread(path: str, size: int, runtime: int) -> float:
-    j = fio([f"--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
+    j = fio(["--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
              f"--runtime={runtime}", "--time_based", "--invalidate=0"])
     return j["read"]["iops"]
 
@@ -57,19 +57,19 @@ def randread(path: str, size: int, runtime: int) -> float:
 def randread_once(path: str, size: int) -> float:
     """Every 4 KiB block of the file once, in random order (fio's random map):
     what a reader sees right after a remount, before anything is cached."""
-    j = fio([f"--name=ro", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
+    j = fio(["--name=ro", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
              "--invalidate=0"])
     return j["read"]["iops"]
 
 
 def seqread(path: str, size: int) -> float:
-    j = fio([f"--name=sr", f"--filename={path}", "--rw=read", "--bs=1M", f"--size={size}",
+    j = fio(["--name=sr", f"--filename={path}", "--rw=read", "--bs=1M", f"--size={size}",
              "--invalidate=1"])
     return j["read"]["bw_bytes"] / (1 << 20)
 
 
 def statstorm(directory: str, runtime: int) -> float:
-    j = fio([f"--name=st", f"--directory={directory}", "--ioengine=filestat", "--nrfiles=1000",
+    j = fio(["--name=st", f"--directory={directory}", "--ioengine=filestat", "--nrfiles=1000",
              "--filesize=4k", "--openfiles=1", "--file_service_type=sequential",
              f"--runtime={runtime}", "--time_based", "--create_on_open=0"])
     return j["read"]["iops"]

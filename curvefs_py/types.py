@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NewType, Optional
 
 Ino = NewType("Ino", int)

@@ -128,7 +128,6 @@ def test_directories(volume):
 
 
 def test_dot_entries_in_readdir(volume):
-    import ctypes
 
     d = p(volume, "dots")
     os.mkdir(d)

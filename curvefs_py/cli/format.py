@@ -7,7 +7,7 @@ import uuid
 
 from ..config import check_meta_url, parse_size, redact, sqlite_path
 from ..errors import FsError, ObjectStoreError, QuietError
-from .. import BLOCK_SIZE, CHUNK_SIZE
+from .. import CHUNK_SIZE
 
 
 def register(sub) -> None:

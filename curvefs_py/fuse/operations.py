@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 

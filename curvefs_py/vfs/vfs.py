@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
 
 import trio
@@ -26,7 +25,7 @@ from ..errors import FsError, NoSuchKey
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
-from .internal import CONFIG_INO, CONTROL_INO, NAMES as INTERNAL_NAMES, STATS_INO, InternalFiles, is_internal
+from .internal import CONTROL_INO, NAMES as INTERNAL_NAMES, InternalFiles, is_internal
 from .pusher import Pusher
 from .reader import Reader
 from .writer import Writers
