@@ -20,12 +20,14 @@ LONG = ("--attr-timeout", "60", "--entry-timeout", "60")
 
 
 @pytest.fixture(params=["sqlite", "redis", "postgres"])
-def meta_url(request, tmp_path):
+def volume_args(request, tmp_path):
+    """(storage, META_URL): SQLite with a local object dir shared by the daemons; the
+    shared engines with data on the S3 server, as several machines would mount them."""
     if request.param == "sqlite":
-        return None  # mounts.format makes a new SQLite file
+        return "file", None  # mounts.format makes a new SQLite file
     if request.param == "redis":
-        return servers.redis_new_db(request.getfixturevalue("redis_server"))
-    return request.getfixturevalue("pg").new_database()
+        return "s3", servers.redis_new_db(request.getfixturevalue("redis_server"))
+    return "s3", request.getfixturevalue("pg").new_database()
 
 
 def eventually(fn, timeout=1.0, what=""):
@@ -42,8 +44,9 @@ def eventually(fn, timeout=1.0, what=""):
         time.sleep(0.02)
 
 
-def test_changes_visible_on_other_client_within_a_second(mounts, meta_url):
-    meta = mounts.format("file", meta=meta_url)
+def test_changes_visible_on_other_client_within_a_second(mounts, volume_args):
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
     a = mounts.mount(meta, *LONG)
     b = mounts.mount(meta, *LONG)
     pa, pb = a.path, b.path
@@ -71,8 +74,9 @@ def test_changes_visible_on_other_client_within_a_second(mounts, meta_url):
     assert took < 1.0
 
 
-def test_close_to_open_data(mounts, meta_url):
-    meta = mounts.format("file", meta=meta_url)
+def test_close_to_open_data(mounts, volume_args):
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
     a = mounts.mount(meta, *LONG)
     b = mounts.mount(meta, *LONG)
     fa, fb = os.path.join(a.path, "x"), os.path.join(b.path, "x")
@@ -84,8 +88,9 @@ def test_close_to_open_data(mounts, meta_url):
             assert f.read() == data
 
 
-def test_mkdir_race_one_wins(mounts, meta_url):
-    meta = mounts.format("file", meta=meta_url)
+def test_mkdir_race_one_wins(mounts, volume_args):
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
     ms = [mounts.mount(meta, *LONG) for _ in range(3)]
     results = []
 
@@ -104,8 +109,9 @@ def test_mkdir_race_one_wins(mounts, meta_url):
     assert sorted(results) == ["EEXIST", "EEXIST", "ok"]
 
 
-def test_writers_on_two_clients(mounts, meta_url):
-    meta = mounts.format("file", meta=meta_url)
+def test_writers_on_two_clients(mounts, volume_args):
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
     a = mounts.mount(meta, *LONG)
     b = mounts.mount(meta, *LONG)
     da, db = os.urandom(3 << 20), os.urandom(3 << 20)
@@ -131,11 +137,12 @@ def test_writers_on_two_clients(mounts, meta_url):
             assert f.read() == db
 
 
-def test_status_shows_sessions(mounts, meta_url):
+def test_status_shows_sessions(mounts, volume_args):
     from mounthelper import cli
     import json
 
-    meta = mounts.format("file", meta=meta_url)
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
     a = mounts.mount(meta)
     b = mounts.mount(meta)
     out = json.loads(cli("status", meta, "--json").stdout)
