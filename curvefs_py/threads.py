@@ -21,7 +21,7 @@ PUSH = "push"
 FEED = "feed"  # the change-feed waiter (one blocking wait at a time)
 INVAL = "inval"  # kernel invalidations (may wait for a pending request)
 
-_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 2, FEED: 1, INVAL: 2}
+_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 4, FEED: 1, INVAL: 2}
 _limiters: Dict[str, trio.CapacityLimiter] = {}
 
 

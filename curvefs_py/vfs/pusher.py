@@ -135,24 +135,24 @@ class Pusher:
             return
         for u in units:
             self._busy.add((ino, u))
-        self.nursery.start_soon(self._run, ino, units, length, fetch, why)
+            # one task per unit, at most 4 at a time: loading the next block
+            # overlaps with storing the previous one
+            self.nursery.start_soon(self._run, ino, u, length, fetch, why)
 
-    async def _run(self, ino: int, units: list[int], length: int, fetch: bool, why: str) -> None:
+    async def _run(self, ino: int, u: int, length: int, fetch: bool, why: str) -> None:
         try:
             async with self._limit:
-                for u in units:
-                    if self._pushed_total() + self.unit > self.budget:
-                        metrics.inc("pusher_budget_skips")
-                        return
-                    n = await self._push_unit(ino, u, length, fetch=fetch, store=True)
-                    if n and why == "repush":
-                        metrics.inc("pusher_repushed_bytes", n)
+                if self._pushed_total() + self.unit > self.budget:
+                    metrics.inc("pusher_budget_skips")
+                    return
+                n = await self._push_unit(ino, u, length, fetch=fetch, store=True)
+                if n and why == "repush":
+                    metrics.inc("pusher_repushed_bytes", n)
         except Exception as exc:  # a failed push only costs a later daemon read
             metrics.inc("pusher_errors")
             log.debug("push of inode %d failed: %s", ino, exc)
         finally:
-            for u in units:
-                self._busy.discard((ino, u))
+            self._busy.discard((ino, u))
 
     async def _push_unit(self, ino: int, u: int, length: int, *, fetch: bool, store: bool,
                          force: bool = False) -> int:
@@ -189,7 +189,15 @@ class Pusher:
         for chunk_idx, coff, n in chunk_ranges(off, size, self.chunk_size):
             slices = await self.get_slices(ino, chunk_idx)
             base = chunk_idx * self.chunk_size
-            for seg in overlay(slices, coff, n):
+            segs = overlay(slices, coff, n)
+            if len(segs) == 1 and n == size and segs[0].id and segs[0].off % bs == 0 \
+                    and segs[0].len == min(bs, segs[0].size - segs[0].off):
+                # the unit is exactly one whole block: hand it over without copying
+                seg = segs[0]
+                if fetch:
+                    return await self.chunks.read_block(seg.id, seg.size, seg.off // bs)
+                return await self.chunks.cached_or_disk(seg.id, seg.size, seg.off // bs)
+            for seg in segs:
                 if not seg.id:
                     continue
                 dest = base + seg.pos - off
