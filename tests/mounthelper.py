@@ -21,6 +21,21 @@ def cli(*args: str, check: bool = True, env: Optional[dict] = None, timeout: flo
     return r
 
 
+def read_cold(path: str) -> bytes:
+    """The whole file, read after dropping its pages, so the daemon is asked."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = bytearray()
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                return bytes(out)
+            out += b
+    finally:
+        os.close(fd)
+
+
 def is_mounted(path: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)

@@ -26,7 +26,7 @@ import pytest
 
 import servers
 import volinspect
-from mounthelper import cli
+from mounthelper import cli, read_cold
 
 MiB = 1 << 20
 IO_TIMEOUT = 3.0  # --io-timeout of the outage mounts
@@ -41,21 +41,6 @@ def write_file(path: str, content: bytes, mode: str = "wb") -> None:
     with open(path, mode) as f:
         f.write(content)
         os.fsync(f.fileno())
-
-
-def read_cold(path: str) -> bytes:
-    """Read the whole file after dropping its pages, so the daemon is asked."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while True:
-            b = os.read(fd, MiB)
-            if not b:
-                return bytes(out)
-            out += b
-    finally:
-        os.close(fd)
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.2):

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from mounthelper import cli, is_mounted
+from mounthelper import cli, is_mounted, read_cold as read_all
 import volinspect
 
 MiB = 1 << 20
@@ -61,20 +61,6 @@ def remount_cold(m) -> None:
 
 def data(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while True:
-            b = os.read(fd, MiB)
-            if not b:
-                return bytes(out)
-            out += b
-    finally:
-        os.close(fd)
 
 
 def write_durable(m) -> tuple[dict[str, bytes], list[int]]:
