@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STALE = -1  # kernel_versions: the kernel may hold pages of an older data version
+
 
 class KernelNotifier(Protocol):
     """What the VFS may ask of the kernel (implemented in fuse/notifier.py)."""
@@ -59,7 +61,9 @@ class VFS:
         self.failsafe = False
         self.open_attrs: Dict[int, Attr] = {}
         self._slices: Dict[tuple[int, int], list[Slice]] = {}
-        #: data_version of each inode as the kernel's page cache last saw it
+        #: data_version of each inode as the kernel's page cache last saw it; an
+        #: inode never opened here has no pages in this mount's kernel cache (absent),
+        #: STALE marks one whose pages another client's change made stale
         self.kernel_versions: Dict[int, int] = {}
         self.writers = Writers(chunks, self._meta_call, self._new_slice_id, fmt.block_size,
                                fmt.chunk_size, on_commit=self._on_commit,
@@ -186,14 +190,18 @@ class VFS:
         ino = attr.ino
         self._changed(ino)
         self.pusher.changed(ino)
-        for key in [k for k in self._slices if k[0] == ino]:
-            del self._slices[key]
+        self._drop_slices(ino)
         if ino in self.open_attrs:
             self.open_attrs[ino] = attr
         # our own writes went through the page cache: the kernel's copy is current
         if self.kernel_versions.get(ino) == attr.data_version - 1:
             self.kernel_versions[ino] = attr.data_version
         self._delete_kick.set()
+
+    def _drop_slices(self, ino: int) -> None:
+        """Forget the cached slice lists of ``ino`` (its chunks changed or may have)."""
+        for key in [k for k in self._slices if k[0] == ino]:
+            del self._slices[key]
 
     def _delete_later(self, slice_id: int, size: int) -> None:
         self._local_deletes.append((slice_id, size))
@@ -283,10 +291,10 @@ class VFS:
         metrics.inc("vfs_remote_changes")
         if ch.ino:
             self._no_caps.discard(ch.ino)
-            self.kernel_versions.pop(ch.ino, None)
+            if ch.ino in self.kernel_versions:
+                self.kernel_versions[ch.ino] = STALE
             self.pusher.dropped(ch.ino)
-            for key in [k for k in self._slices if k[0] == ch.ino]:
-                del self._slices[key]
+            self._drop_slices(ch.ino)
             if ch.ino in self.open_attrs and not self.writers.get(ch.ino):
                 try:
                     self.open_attrs[ch.ino] = await self._meta(self.engine.getattr, ch.ino)
@@ -413,13 +421,15 @@ class VFS:
         h = self.handles.new(ino, flags)
         # close-to-open: drop cached slice lists, keep the kernel's pages only
         # while the data version is the one the kernel last saw
-        for key in [k for k in self._slices if k[0] == ino]:
-            del self._slices[key]
+        self._drop_slices(ino)
         if not self.writers.get(ino):
             self.open_attrs[ino] = attr
         else:
             self.open_attrs.setdefault(ino, attr)
-        keep = self.kernel_versions.get(ino) == attr.data_version
+        # keep the pages when the kernel's copy is current, or when it has none
+        # (never opened through this mount): replying keep_cache=False would make
+        # the kernel drop pages the pusher may already be storing for this open
+        keep = self.kernel_versions.get(ino, attr.data_version) == attr.data_version
         self.kernel_versions[ino] = attr.data_version
         if not flags & (os.O_WRONLY | os.O_RDWR):
             self.pusher.on_open(ino, attr.length, keep)
@@ -456,8 +466,7 @@ class VFS:
             # compactor) committed newer slices and the hidden ones' objects are
             # gone.  Read again with fresh metadata; only a miss then is damage.
             metrics.inc("vfs_stale_slice_retries")
-            for key in [k for k in self._slices if k[0] == ino]:
-                del self._slices[key]
+            self._drop_slices(ino)
             attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
             try:
                 data = await self.reader.read(ino, off, size, attr.length)
@@ -519,8 +528,7 @@ class VFS:
             _, last = self.handles.release(fh)
         if last:
             self.open_attrs.pop(h.ino, None)
-            for key in [k for k in self._slices if k[0] == h.ino]:
-                del self._slices[key]
+            self._drop_slices(h.ino)
             await self._meta(self.engine.release_sustained, h.ino)
             self._delete_kick.set()
 
@@ -538,7 +546,7 @@ class VFS:
                 continue
             if self.kernel_versions.get(ino) != attr.data_version:
                 # the kernel may hold an older version: let the next open drop it
-                self.kernel_versions.pop(ino, None)
+                self.kernel_versions[ino] = STALE
             await self.pusher.warmup(ino, attr.length, kernel and not self.pusher.blocked(ino),
                                      lambda n: progress(0, n))
             if kernel and self.pusher.enabled:
