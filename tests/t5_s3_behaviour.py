@@ -183,9 +183,12 @@ def test_fetched_blocks_are_served_locally(mounts):
     assert read_cold(f) == content
     stats = m.stats()
     assert stats.get("object_get_count", 0) == g2, "a read after remount went to S3"
-    # each of the 3 blocks came off the disk cache: read by the reader (a disk hit)
-    # or by the sequential prefetcher ahead of it (then the reader hits memory)
-    assert stats.get("cache_disk_hits", 0) + stats.get("chunk_prefetch_blocks", 0) >= 3
+    # each of the 3 blocks came off the disk cache (no GET, asserted above): read by
+    # the reader (a disk hit), by the sequential prefetcher ahead of it (then the reader
+    # hits memory), or pushed into the page cache on open (then the kernel answers)
+    from_disk = (stats.get("cache_disk_hits", 0) + stats.get("chunk_prefetch_blocks", 0)
+                 + stats.get("pusher_pushed_bytes", 0) // (4 * MiB))
+    assert from_disk >= 3
 
 
 # ---------------------------------------------------------------- background deletes
