@@ -22,6 +22,9 @@
 #error "curvefs_bpf.h: the loader must pass -DCURVEFS_DEV, -DCURVEFS_UDEV, -DCURVEFS_DEV_MAJOR, -DCURVEFS_DEV_MINOR"
 #endif
 
+#ifndef CURVEFS_BACKING_DEV
+#define CURVEFS_BACKING_DEV 0xffffffffu  /* kernel dev_t of the image directory's file system */
+#endif
 #ifndef CURVEFS_MAX_INODES
 #define CURVEFS_MAX_INODES 65536   /* per-inode LRU hash: least recently used inodes drop out */
 #endif
@@ -68,6 +71,13 @@ struct curvefs_inode_stats {
     s64 resident_pages;  /* + added, - deleted since load; never below 0 */
     u64 pages_added;
     u64 pages_deleted;
+};
+
+/* page_cache: key of backing{} (an image file on the cache disk) */
+struct curvefs_backing_key {
+    u32 dev;             /* kernel dev_t, as the filemap tracepoints report it */
+    u32 pad;
+    u64 ino;
 };
 
 /* page_cache: one-element array of totals, so snapshots need not walk the inode map */

@@ -15,13 +15,35 @@
  * Pages that were resident before load are unknown; deleting them is counted apart
  * (pages_deleted_untracked), so resident counts never go below zero.
  *
- * Maps (cumulative): inodes{i_ino} (LRU), totals[0], read_cursor{pid_tgid} (LRU).
+ * Passthrough: a file of this mount opened with FOPEN_PASSTHROUGH is read by the kernel
+ * from its image (a file on the cache disk, CURVEFS_BACKING_DEV); the daemon writes
+ * backing{image dev, image ino} = mount inode for each image it hands to the kernel, and
+ * events on those images count for the mount inode (reads in the totals too; resident
+ * pages per inode only, so the totals stay "pages of the FUSE mapping" for the pusher).
+ *
+ * Maps (cumulative): inodes{i_ino} (LRU), totals[0], read_cursor{pid_tgid} (LRU),
+ * backing{dev, ino} (written by the daemon).
  */
 #include "curvefs_bpf.h"
 
 BPF_TABLE("lru_hash", u64, struct curvefs_inode_stats, inodes, CURVEFS_MAX_INODES);
 BPF_ARRAY(totals, struct curvefs_page_totals, 1);
 BPF_TABLE("lru_hash", u64, struct curvefs_read_cursor, read_cursor, CURVEFS_MAX_TIDS);
+BPF_TABLE("hash", struct curvefs_backing_key, u64, backing, CURVEFS_MAX_INODES);
+
+/* The mount inode an event belongs to: its own, or the one an image backs; 0: neither. */
+static __always_inline u64 mount_inode(u32 dev, u64 i_ino)
+{
+    if (dev == CURVEFS_DEV)
+        return i_ino;
+    if (dev != CURVEFS_BACKING_DEV)
+        return 0;
+    struct curvefs_backing_key k = {};
+    k.dev = dev;
+    k.ino = i_ino;
+    u64 *ino = backing.lookup(&k);
+    return ino ? *ino : 0;
+}
 
 static __always_inline struct curvefs_inode_stats *inode_stats(u64 ino)
 {
@@ -31,9 +53,9 @@ static __always_inline struct curvefs_inode_stats *inode_stats(u64 ino)
 
 TRACEPOINT_PROBE(filemap, mm_filemap_get_pages)
 {
-    if (args->s_dev != CURVEFS_DEV)
+    u64 ino = mount_inode(args->s_dev, args->i_ino);
+    if (!ino)
         return 0;
-    u64 ino = args->i_ino;
     u64 index = args->index;
     u64 last = args->last_index;
     u64 tid = bpf_get_current_pid_tgid();
@@ -72,14 +94,15 @@ TRACEPOINT_PROBE(filemap, mm_filemap_get_pages)
 
 TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
 {
-    if (args->s_dev != CURVEFS_DEV)
+    u64 ino = mount_inode(args->s_dev, args->i_ino);
+    if (!ino)
         return 0;
     s64 pages = 1LL << (args->order & 31);
     u32 zero = 0;
-    struct curvefs_page_totals *t = totals.lookup(&zero);
+    struct curvefs_page_totals *t = args->s_dev == CURVEFS_DEV ? totals.lookup(&zero) : 0;
     if (t)
         __sync_fetch_and_add(&t->pages_added, pages);
-    struct curvefs_inode_stats *s = inode_stats(args->i_ino);
+    struct curvefs_inode_stats *s = inode_stats(ino);
     if (s) {
         __sync_fetch_and_add(&s->resident_pages, pages);
         __sync_fetch_and_add(&s->pages_added, pages);
@@ -89,12 +112,12 @@ TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
 
 TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
 {
-    if (args->s_dev != CURVEFS_DEV)
+    u64 ino = mount_inode(args->s_dev, args->i_ino);
+    if (!ino)
         return 0;
     s64 pages = 1LL << (args->order & 31);
-    u64 ino = args->i_ino;
     u32 zero = 0;
-    struct curvefs_page_totals *t = totals.lookup(&zero);
+    struct curvefs_page_totals *t = args->s_dev == CURVEFS_DEV ? totals.lookup(&zero) : 0;
     struct curvefs_inode_stats *s = inodes.lookup(&ino);
     /* Never below zero: a page we did not see added was resident before load (or
      * its inode dropped out of the LRU map).  Check-then-add races only with a

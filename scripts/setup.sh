@@ -6,6 +6,8 @@
 #    link Debian's linux-headers-amd64 there: BCC builds tracepoint argument structs from
 #    tracefs format files, so any recent header tree compiles our tracepoint-only programs.
 #  - tracefs mounted at /sys/kernel/tracing
+#  - curvefs_py/fuse/_ptshim.so: the small C library that lets libfuse 3.14 use FUSE
+#    passthrough (Linux >= 6.9), compiled from curvefs_py/fuse/ptshim.c
 #  - a virtualenv in .venv with the package (editable) and its test dependencies; BCC's
 #    Python module (Debian's, not PyPI's unrelated "bcc") is linked into it.
 set -euo pipefail
@@ -48,5 +50,7 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 if [ -d /usr/lib/python3/dist-packages/bcc ]; then
   ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
+# FUSE passthrough shim (libfuse 3.14 cannot request passthrough itself; see curvefs_py/fuse/ptshim.c)
+cc -O2 -Wall -shared -fPIC -o curvefs_py/fuse/_ptshim.so curvefs_py/fuse/ptshim.c -lpthread
 .venv/bin/python -c 'import pyfuse3, trio, boto3' 
 echo "setup: done (.venv ready)"

@@ -203,6 +203,9 @@ def test_stats_json_has_every_field(mounts):
         assert key in d["object_store"]
     for key in ("pushed_bytes", "repushed_bytes"):
         assert key in d["pusher"]
+    for key in ("opens", "direct_opens", "image_builds", "image_bytes", "mirrored_bytes"):
+        assert key in d["passthrough"]
+    assert "enabled" in out["kernel_passthrough"]
     assert out["kernel_bpf"]["available"] is True
     assert isinstance(out["top_files"], list)
     # the live view runs and prints one line per interval

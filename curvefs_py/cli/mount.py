@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--push-whole-max", default="128M", help="on open for reading, push whole files up to this size (larger ones: their first 8 MiB) from the local block cache into the page cache (default 128M)")
     p.add_argument("--io-timeout", type=float, default=30.0,
                    help="seconds to keep retrying a failing object request before the caller gets EIO (default 30)")
+    p.add_argument("--passthrough-max", default="4G", help="files up to this size get a whole-file image in the disk cache, assembled from cached blocks, and reads of them are served by the kernel from it (FUSE passthrough, Linux >= 6.9; default 4G; 0: off)")
+    p.add_argument("--no-passthrough", action="store_true", help="same as --passthrough-max 0")
+    p.add_argument("--image-cache-size", default=None, help="disk space for file images (default: --cache-size)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
@@ -54,7 +57,9 @@ def _options(args) -> MountOptions:
         no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
-        extra={"compact_threshold": args.compact_threshold})
+        extra={"compact_threshold": args.compact_threshold,
+               "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
+               "image_cache_size": parse_size(args.image_cache_size or args.cache_size)})
 
 
 def run(args) -> int:

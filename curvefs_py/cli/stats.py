@@ -148,6 +148,13 @@ def derive(c: Dict[str, float]) -> Dict[str, object]:
                    "evicted_reads": g("pusher_evicted_reads", 0),
                    "budget_skips": g("pusher_budget_skips", 0),
                    "errors": g("pusher_errors", 0) + g("kernel_push_errors", 0)}
+    # FUSE passthrough: opens the kernel serves from a file image (reads never reach us)
+    d["passthrough"] = {"opens": g("passthrough_opens", 0),
+                        "direct_opens": g("passthrough_direct_opens", 0),
+                        "image_builds": g("image_builds", 0),
+                        "image_built_bytes": g("image_built_bytes", 0),
+                        "image_bytes": g("image_bytes", 0),
+                        "mirrored_bytes": g("passthrough_mirrored_bytes", 0)}
     return d
 
 
@@ -187,16 +194,16 @@ def _bytes(v: float) -> str:
 
 
 HEADER = ("time     | kernel READ       | attr cache        | daemon      | block cache    "
-          "| object store              | push")
+          "| object store              | push       | passthru")
 SUB = ("         | calls  daemon hit | stats  req    hit | ops/s  lat  | mem  disk miss "
-       "| get  put  MB/s  ms   retry | MB   evict")
+       "| get  put  MB/s  ms   retry | MB   evict | opens img")
 
 
 def _line(dt: float, delta: Dict[str, float]) -> str:
     d = derive(delta)
     ops = sum(v["count"] for v in d["daemon_ops"].values())
     lat = (sum(v["count"] * v["avg_latency_us"] for v in d["daemon_ops"].values()) / ops) if ops else 0
-    bc, ob, pu = d["block_cache"], d["object_store"], d["pusher"]
+    bc, ob, pu, pt = d["block_cache"], d["object_store"], d["pusher"], d["passthrough"]
     get_ms = ob["get"]["avg_latency_ms"]
     mbps = (ob["get_bytes"] + ob["put_bytes"]) / (1 << 20) / dt
     return (f"{time.strftime('%H:%M:%S')} | "
@@ -206,7 +213,8 @@ def _line(dt: float, delta: Dict[str, float]) -> str:
             f"{_num(bc['mem_hits'] / dt):>4} {_num(bc['disk_hits'] / dt):>4} {_num(bc['misses'] / dt):>4} | "
             f"{_num(ob['get']['count'] / dt):>4} {_num(ob['put']['count'] / dt):>4} {mbps:5.1f} "
             f"{(get_ms or 0):4.1f} {_num(ob['retries']):>5} | "
-            f"{pu['pushed_bytes'] / (1 << 20) / dt:4.0f} {_num((d['kernel_pages_evicted'] or 0) / dt):>5}")
+            f"{pu['pushed_bytes'] / (1 << 20) / dt:4.0f} {_num((d['kernel_pages_evicted'] or 0) / dt):>5} | "
+            f"{_num((pt['opens'] + pt['direct_opens']) / dt):>5} {_num(pt['image_builds'] / dt):>3}")
 
 
 def run(args) -> int:
@@ -217,6 +225,7 @@ def run(args) -> int:
     if args.json:
         out = {"mountpoint": mp, "time": counters.get("time_unix_s"),
                "kernel_bpf": bpf, "kernel_push": cfg.get("kernel_push", {}),
+               "kernel_passthrough": cfg.get("kernel_passthrough", {}),
                "derived": derive(counters), "counters": counters,
                "top_files": top_files(inodes, names, args.top or 20)}
         json.dump(out, sys.stdout, indent=1, sort_keys=True)
@@ -224,6 +233,9 @@ def run(args) -> int:
         return 0
     if not bpf.get("available", False):
         print(f"kernel counters unavailable: {bpf.get('reason', 'unknown')} (kernel columns show '-')")
+    pt = cfg.get("kernel_passthrough", {})
+    if pt and not pt.get("enabled"):
+        print(f"FUSE passthrough off: {pt.get('reason', 'unknown')}")
     print(HEADER)
     print(SUB)
     prev, t_prev = counters, time.monotonic()

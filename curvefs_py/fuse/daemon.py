@@ -83,6 +83,7 @@ def serve(opts: MountOptions) -> int:
     from ..meta import open_engine
     from ..object import open_store
     from ..vfs.vfs import VFS
+    from .backing import KernelBacking
     from .notifier import KernelNotifier
     from .operations import Operations
 
@@ -127,9 +128,11 @@ def serve(opts: MountOptions) -> int:
     if opts.readahead:
         vfs_options["readahead"] = opts.readahead
     vfs_options.update(opts.extra)
-    vfs = VFS(engine, chunks, fmt, notifier=notifier, options=vfs_options)
+    vfs_options.setdefault("image_cache_size", opts.cache_size)
+    backing = KernelBacking()
+    vfs = VFS(engine, chunks, fmt, notifier=notifier, options=vfs_options, backing=backing)
     ops = Operations(vfs, attr_timeout=opts.attr_timeout, entry_timeout=opts.entry_timeout,
-                     negative_timeout=opts.negative_timeout)
+                     negative_timeout=opts.negative_timeout, backing=backing)
     fuse_opts = set(pyfuse3.default_options)
     fuse_opts |= {f"fsname=curvefs:{fmt.name}", "subtype=curvefs", "default_permissions"}
     if os.geteuid() == 0:
@@ -140,6 +143,10 @@ def serve(opts: MountOptions) -> int:
         engine.close_session()
         raise QuietError(f"FUSE mount on {mp} failed: {exc}", 7) from None
     log.info("mounted volume %s on %s (pid %d)", fmt.name, mp, os.getpid())
+    if vfs.images.max_file > 0:
+        backing.install()  # before pyfuse3.main reads FUSE_INIT
+    else:
+        backing.reason = "disabled (--passthrough-max 0)"
     vfs.options["kernel_readahead"] = opts.readahead or 4 * fmt.block_size
     state = {"signalled": False}
     try:
@@ -164,10 +171,16 @@ async def _load_bpf(vfs, mp: str) -> None:
     """Load the eBPF counters for this mount (seconds of compiling, in a thread)."""
     from ..kernel.loader import load_async
 
-    probe = await load_async(mp)
+    try:
+        backing_dev = os.stat(vfs.options["cache_dir"]).st_dev  # where the images live
+    except OSError:
+        backing_dev = None
+    probe = await load_async(mp, backing_dev=backing_dev)
     vfs.kernel_probe = probe
     if probe.available:
         metrics.add_collector(probe.snapshot)
+        vfs.passthrough.map = probe.map_backing
+        vfs.images.unmap = probe.unmap_backing
 
         def resident() -> int | None:
             snap = probe.snapshot_totals() if hasattr(probe, "snapshot_totals") else probe.snapshot()
@@ -199,6 +212,7 @@ async def _run(vfs, chunks, state, bpf_mountpoint) -> None:
         await vfs.start(nursery)
         nursery.start_soon(_watch_signals, state, name="signals")
         nursery.start_soon(_readahead_after_init, vfs, name="readahead")
+        nursery.start_soon(_passthrough_after_init, vfs, name="passthrough-probe")
         try:
             await pyfuse3.main()
         finally:
@@ -229,6 +243,23 @@ async def _readahead_after_init(vfs) -> None:
         await trio.sleep(0.2)
         if _set_kernel_readahead(vfs.options["mountpoint"], vfs.options["kernel_readahead"]):
             return
+
+
+async def _passthrough_after_init(vfs) -> None:
+    """Once FUSE_INIT is answered, find out whether the kernel takes backing files."""
+    backing = vfs.passthrough.kernel
+    if backing is None or not backing.installed:
+        return
+    for _ in range(50):
+        await trio.sleep(0.1)
+        if backing.init_state() != 0:
+            break
+    await threads.run_blocking(vfs.images.scan, limiter=threads.DISK)
+    if await backing.probe(os.path.join(vfs.images.dir, ".probe")):
+        log.info("FUSE passthrough on: files up to %d bytes are served from images in %s",
+                 vfs.images.max_file, vfs.images.dir)
+    else:
+        log.info("FUSE passthrough unavailable: %s", backing.reason)
 
 
 def _set_kernel_readahead(mp: str, nbytes: int) -> bool:

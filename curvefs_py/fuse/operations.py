@@ -67,9 +67,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, vfs: "VFS", *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 negative_timeout: float = 0.0):
+                 negative_timeout: float = 0.0, backing=None):
         super().__init__()
         self.vfs = vfs
+        self.backing = backing  # fuse/backing.py: FUSE passthrough of open files
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.negative_timeout = negative_timeout
@@ -168,7 +169,11 @@ class Operations(pyfuse3.Operations):
     # -------------------------------------------------------------- files
     @_guard
     async def open(self, inode, flags, ctx):
-        fh, keep, direct = await self.vfs.open(inode, flags)
+        fh, keep, direct, backing = await self.vfs.open(inode, flags)
+        if backing:
+            # the shim gives this fh's OPEN reply FOPEN_PASSTHROUGH; pyfuse3
+            # sends the reply as soon as we return, with no await in between
+            self.backing.expect(fh, backing, direct)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @_guard

@@ -34,6 +34,7 @@ print the non-zero counters of a mount every INTERVAL seconds.
 """
 from __future__ import annotations
 
+import ctypes as ct
 import logging
 import os
 import stat as stat_mod
@@ -123,6 +124,24 @@ class KernelProbe:
     def _table(self, program: str, name: str):
         b = self.loaded.get(program)
         return None if b is None else b[name.encode()]
+
+    # -- writers --------------------------------------------------------------
+    def map_backing(self, st_dev: int, st_ino: int, ino: int) -> None:
+        """Count page-cache events of an image file (``os.stat`` dev/ino) for
+        mount inode ``ino`` (FUSE passthrough: the kernel reads the image)."""
+        with self._lock:
+            t = None if self._closed else self._table("page_cache", "backing")
+            if t is not None:
+                t[maps.BackingKeyC(kernel_dev(st_dev), 0, st_ino)] = ct.c_uint64(ino)
+
+    def unmap_backing(self, st_dev: int, st_ino: int) -> None:
+        with self._lock:
+            t = None if self._closed else self._table("page_cache", "backing")
+            if t is not None:
+                try:
+                    del t[maps.BackingKeyC(kernel_dev(st_dev), 0, st_ino)]
+                except KeyError:
+                    pass
 
     # -- readers --------------------------------------------------------------
     def snapshot(self) -> Dict[str, float]:
@@ -255,15 +274,19 @@ def load(mountpoint_or_dev: Union[str, os.PathLike, int], *,
          programs: Iterable[str] = tuple(PROGRAMS),
          tracefs: Optional[str] = None,
          bpf_dir: Optional[Union[str, os.PathLike]] = None,
-         extra_cflags: Iterable[str] = ()) -> KernelProbe:
+         extra_cflags: Iterable[str] = (),
+         backing_dev: Optional[int] = None) -> KernelProbe:
     """Compile and attach the BPF programs for one mount (blocking; never raises).
 
     ``mountpoint_or_dev`` is a path on the mount or its ``os.stat().st_dev``.
     ``tracefs`` overrides where tracepoints are looked up, ``bpf_dir`` where the C
-    lives (default: ``$CURVEFS_BPF_DIR`` or ``<repo>/bpf``)."""
+    lives (default: ``$CURVEFS_BPF_DIR`` or ``<repo>/bpf``).  ``backing_dev``: the
+    ``st_dev`` of the file system holding the passthrough images (``map_backing``)."""
     probe = KernelProbe()
     t0 = time.monotonic()
     try:
+        if backing_dev is not None:
+            extra_cflags = (*extra_cflags, f"-DCURVEFS_BACKING_DEV={kernel_dev(backing_dev)}u")
         return _load(probe, mountpoint_or_dev, tuple(programs), tracefs, bpf_dir,
                      tuple(extra_cflags))
     except Exception as exc:  # the side car must never take the mount down

@@ -79,6 +79,10 @@ class ReadCursorC(ct.Structure):
     _fields_ = [("ino", ct.c_uint64), ("index", ct.c_uint64), ("last_index", ct.c_uint64)]
 
 
+class BackingKeyC(ct.Structure):
+    _fields_ = [("dev", ct.c_uint32), ("pad", ct.c_uint32), ("ino", ct.c_uint64)]
+
+
 class StatArgC(ct.Structure):
     _fields_ = [("buf", ct.c_uint64), ("sys", ct.c_uint32), ("pad", ct.c_uint32)]
 
@@ -91,6 +95,7 @@ LAYOUT = {
     ("page_cache", "inodes"): (ct.c_uint64, InodeStatsC),
     ("page_cache", "totals"): (ct.c_int, PageTotalsC),
     ("page_cache", "read_cursor"): (ct.c_uint64, ReadCursorC),
+    ("page_cache", "backing"): (BackingKeyC, ct.c_uint64),
     ("stat_calls", "stat_calls"): (ct.c_int, ct.c_uint64),
     ("stat_calls", "stat_args"): (ct.c_uint64, StatArgC),
 }

@@ -21,6 +21,8 @@ class Handle:
     #: sequential-read detection: end offset of the previous read
     last_end: int = -1
     seq_reads: int = 0
+    #: backing id when opened with FOPEN_PASSTHROUGH (0: cached mode)
+    backing: int = 0
 
 
 class Handles:

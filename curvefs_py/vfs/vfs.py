@@ -26,6 +26,7 @@ from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
 from .internal import CONTROL_INO, NAMES as INTERNAL_NAMES, InternalFiles, is_internal
+from .passthrough import Images, KernelBacking, Passthrough
 from .pusher import Pusher
 from .reader import Reader
 from .writer import Writers
@@ -51,7 +52,8 @@ class KernelNotifier(Protocol):
 
 class VFS:
     def __init__(self, engine: "Engine", chunks: "ChunkStore", fmt: Format, *,
-                 notifier: Optional[KernelNotifier] = None, options: Optional[Dict[str, Any]] = None):
+                 notifier: Optional[KernelNotifier] = None, options: Optional[Dict[str, Any]] = None,
+                 backing: Optional[KernelBacking] = None):
         self.engine = engine
         self.chunks = chunks
         self.fmt = fmt
@@ -77,7 +79,11 @@ class VFS:
                              budget=int(self.options.get("kernel_cache_budget", 1 << 30)),
                              push_whole_max=int(self.options.get("push_whole_max", 128 << 20)),
                              resident_bytes=self.options.get("resident_bytes"))
-        self.pusher.blocked = lambda ino: self.handles.is_writable(ino) or self.writers.get(ino) is not None
+        self.images = Images(chunks.cache.root, int(self.options.get("image_cache_size", 10 << 30)),
+                             int(self.options.get("passthrough_max", 4 << 30)))
+        self.passthrough = Passthrough(backing, self.images)
+        self.pusher.blocked = lambda ino: (self.handles.is_writable(ino) or self.writers.get(ino) is not None
+                                           or ino in self.passthrough.modes)
         #: per-inode READ requests that reached the daemon, and the last name seen
         self.inode_reads: Dict[int, int] = {}
         self.names: Dict[int, bytes] = {}
@@ -112,7 +118,9 @@ class VFS:
                 "kernel_bpf": {"available": bool(probe and probe.available),
                                "reason": (probe.reason if probe else self.options.get("bpf_reason", "not loaded"))},
                 "kernel_push": {"enabled": self.pusher.enabled,
-                                "reason": getattr(self.notifier, "store_disabled_reason", "") if self.notifier else "no kernel notifier"}}
+                                "reason": getattr(self.notifier, "store_disabled_reason", "") if self.notifier else "no kernel notifier"},
+                "kernel_passthrough": {"enabled": self.passthrough.available,
+                                       "reason": "" if self.passthrough.available else self.passthrough.reason}}
 
     def is_internal_request(self, op: str, args: tuple) -> bool:
         """Whether a FUSE request concerns a virtual file (.stats, .config, .control)."""
@@ -166,6 +174,7 @@ class VFS:
         """Flush every writer and run the deleter once (unmount path)."""
         await self.writers.flush_all()
         await self._delete_pending()
+        await self.passthrough.close()
 
     def _changed(self, ino: int = 0, parent: int = 0, name: bytes = b"") -> None:
         """Note a committed change for other clients' kernel caches."""
@@ -334,6 +343,7 @@ class VFS:
         attr = await self._meta(self.engine.setattr, ino, changes)
         if changes.length is not None:
             self._on_commit(attr)
+            await self.passthrough.mirror_truncate(ino, changes.length)
         else:
             self._changed(ino)
             if ino in self.open_attrs:
@@ -364,6 +374,8 @@ class VFS:
         attr = await self._meta(self.engine.unlink, parent, name, self.handles.is_open)
         self._changed(parent, parent, name)
         self._changed(attr.ino)
+        if attr.nlink == 0 and attr.is_file:
+            await threads.run_blocking(self.images.discard, attr.ino, limiter=threads.DISK)
         self._delete_kick.set()
         return attr
 
@@ -401,14 +413,15 @@ class VFS:
         return await self._meta(self.engine.readlink, ino)
 
     # ------------------------------------------------------------- files
-    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
-        """Open a file: returns (fh, keep_cache, direct_io)."""
+    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool, int]:
+        """Open a file: returns (fh, keep_cache, direct_io, backing id or 0).
+        A backing id means FOPEN_PASSTHROUGH (see passthrough.py)."""
         if is_internal(ino):
             if flags & (os.O_WRONLY | os.O_RDWR) and ino != CONTROL_INO:
                 raise FsError(errno.EACCES)
             h = self.handles.new(ino, flags, is_file=False)
             h.content = self.internal.render(ino) if ino != CONTROL_INO else b""
-            return h.fh, False, True
+            return h.fh, False, True, 0
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._check_writable()
         attr = await self._meta(self.engine.getattr, ino)
@@ -418,6 +431,10 @@ class VFS:
             await self.writers.flush(ino)
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
             self._on_commit(attr)
+            await self.passthrough.mirror_truncate(ino, 0)
+        await self.passthrough.prepare(attr, flags, self.handles.open_count.get(ino, 0))
+        # no await from here to the reply: the kernel must see the mode decided here
+        pt = self.passthrough.attach(attr, flags, self.handles.open_count.get(ino, 0))
         h = self.handles.new(ino, flags)
         # close-to-open: drop cached slice lists, keep the kernel's pages only
         # while the data version is the one the kernel last saw
@@ -426,6 +443,9 @@ class VFS:
             self.open_attrs[ino] = attr
         else:
             self.open_attrs.setdefault(ino, attr)
+        if pt is not None:
+            h.backing = pt[0]
+            return h.fh, False, pt[1], pt[0]
         # keep the pages when the kernel's copy is current, or when it has none
         # (never opened through this mount): replying keep_cache=False would make
         # the kernel drop pages the pusher may already be storing for this open
@@ -433,9 +453,25 @@ class VFS:
         self.kernel_versions[ino] = attr.data_version
         if not flags & (os.O_WRONLY | os.O_RDWR):
             self.pusher.on_open(ino, attr.length, keep)
+            self._maybe_build_image(attr)
         elif not keep:
             self.pusher.dropped(ino)
-        return h.fh, keep, False
+        return h.fh, keep, False, 0
+
+    def _maybe_build_image(self, attr: Attr) -> None:
+        """Assemble the file's image for its next open, if its blocks are local."""
+        if (self.passthrough.available and self._nursery is not None and self.images.eligible(attr)
+                and attr.ino not in self.images.building and self.images.lookup(attr) is None
+                and not self.writers.get(attr.ino)):
+            self._nursery.start_soon(self._build_image, attr, name=f"image {attr.ino}")
+
+    async def _build_image(self, attr: Attr) -> bool:
+        try:
+            return await self.images.build(attr, self.chunks, self.fmt.chunk_size,
+                                           lambda ino, idx: self._meta(self.engine.read_chunk, ino, idx))
+        except Exception as exc:  # an image is an optimisation: never fail a request for it
+            log.warning("image of inode %d: %s", attr.ino, exc)
+            return False
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Attr]:
@@ -503,6 +539,7 @@ class VFS:
         self._check_writable()
         self.pusher.changed(h.ino)
         n = await self.writers.write(h.ino, off, data)
+        await self.passthrough.mirror_write(h.ino, off, data[:n])
         metrics.inc("vfs_write_bytes", n)
         return n
 
@@ -526,7 +563,10 @@ class VFS:
             await self.writers.flush(h.ino)
         finally:
             _, last = self.handles.release(fh)
+            if h.backing and await self.passthrough.detach(h.ino):
+                self.kernel_versions[h.ino] = STALE  # written while the page cache was bypassed
         if last:
+            await self.passthrough.drop_unused(h.ino)
             self.open_attrs.pop(h.ino, None)
             self._drop_slices(h.ino)
             await self._meta(self.engine.release_sustained, h.ino)
@@ -544,11 +584,22 @@ class VFS:
             if not attr.is_file:
                 progress(1, 0)
                 continue
+            count = lambda n: progress(0, n)  # noqa: E731
+            if (kernel and self.passthrough.available and self.images.eligible(attr)
+                    and not self.handles.is_open(ino)):
+                # fetch, then assemble the image: the next open is served by the kernel
+                await self.pusher.warmup(ino, attr.length, False, count)
+                count = lambda n: None  # noqa: E731  (bytes counted once)
+                if await self._build_image(attr):
+                    path = self.images.lookup(attr)
+                    if path:
+                        await threads.run_blocking(_willneed, path, limiter=threads.DISK)
+                    progress(1, 0)
+                    continue
             if self.kernel_versions.get(ino) != attr.data_version:
                 # the kernel may hold an older version: let the next open drop it
                 self.kernel_versions[ino] = STALE
-            await self.pusher.warmup(ino, attr.length, kernel and not self.pusher.blocked(ino),
-                                     lambda n: progress(0, n))
+            await self.pusher.warmup(ino, attr.length, kernel and not self.pusher.blocked(ino), count)
             if kernel and self.pusher.enabled:
                 self.kernel_versions[ino] = attr.data_version
             progress(1, 0)
@@ -629,3 +680,12 @@ class VFS:
         else:
             bits = attr.mode & 7
         return (mode & bits) == mode
+
+
+def _willneed(path: str) -> None:
+    """Start reading a file into the page cache (warmup of an image)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)

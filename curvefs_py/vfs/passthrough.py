@@ -1,0 +1,385 @@
+"""Whole-file images in the disk cache, handed to the kernel with FUSE passthrough.
+
+Why: a read the daemon answers costs ~70 µs and ~2.5 ms per MiB in Python;
+``notify_store`` can fill the page cache, but only as fast as the daemon can
+copy.  Linux >= 6.9 can instead serve every read of an open file from a local
+*backing file*, in the kernel (FOPEN_PASSTHROUGH).  A file's content is a
+stack of slices over immutable blocks, so the backing file has to be built: an
+*image* is the file's bytes at one ``data_version``, assembled from blocks the
+block cache (or a local ``file`` store) already holds — never fetched for it.
+
+``Images``: the image files, ``<cache>/<uuid>/images/<ino>-<version>-<length>``
+(sparse: holes stay holes), LRU within ``limit`` bytes, built by ``build``
+(temp file, fdatasync, rename; a crash leaves only temp files, swept at scan).
+The name is the identity: data_version is persistent and bumped by every
+content change on every client, so an image is current iff its name matches
+the inode's attributes at open; it survives remounts.
+
+``Passthrough``: the kernel's io mode per inode.  The kernel lets an inode be
+either in *cached* mode (page cache, the daemon's READs and pushes) or in
+*passthrough* mode (one backing file), never both; an open that does not fit
+the current mode fails with EIO.  So, with ``modes[ino]`` the inodes this
+daemon put in passthrough mode (the kernel releases a file's io mode before it
+sends RELEASE, so this view is always a superset of the kernel's):
+
+* no handle open here, a read-only open, and a current image: register the
+  image as backing file and reply FOPEN_PASSTHROUGH;
+* ``ino`` in ``modes``: every open must be passthrough too.  A writer, or a
+  reader after another client changed the file, gets FOPEN_PASSTHROUGH |
+  FOPEN_DIRECT_IO: its reads and writes reach the daemon (current data),
+  only its mmap uses the image.  Writes and truncates through the daemon are
+  mirrored into the image, so the passthrough readers on this machine see
+  them at once; such an image no longer matches its name and is unlinked at
+  the first mirrored change (its open file lives on until the mode ends);
+* otherwise cached mode, as without passthrough.  A read-only open of a file
+  whose blocks are all local starts building its image for the next open.
+
+Known limit: while an inode is in passthrough mode, a writable *shared mmap*
+by a writer modifies the image only (the daemon never sees those stores); a
+writer's read/write calls are not affected.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Protocol
+
+import trio
+
+from .. import metrics, threads
+from ..chunk.layout import overlay
+from ..errors import ObjectStoreError
+
+if TYPE_CHECKING:
+    from ..chunk.store import ChunkStore
+    from ..types import Attr, Slice
+
+log = logging.getLogger(__name__)
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+
+
+class KernelBacking(Protocol):
+    """What the VFS asks of the kernel's passthrough (``fuse/backing.py``)."""
+
+    available: bool
+    reason: str
+
+    async def open(self, fd: int) -> int: ...
+
+    async def close(self, bid: int) -> None: ...
+
+
+def _pwrite_all(fd: int, data, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
+class Images:
+    """The image files of one volume in the local cache directory."""
+
+    def __init__(self, root: str, limit: int, max_file: int):
+        self.dir = os.path.join(root, "images")
+        self.limit = limit
+        self.max_file = max_file
+        self._files: "OrderedDict[str, int]" = OrderedDict()  # name -> bytes on disk, LRU first
+        self._bytes = 0
+        self._scanned = False
+        self._seq = 0
+        self.building: set[int] = set()
+        #: images whose page-cache events the BPF probe counts for a mount inode
+        self.mapped: Dict[str, tuple[int, int]] = {}
+        self.unmap: Optional[Callable[[int, int], None]] = None
+
+    @staticmethod
+    def name(ino: int, version: int, length: int) -> str:
+        return f"{ino}-{version}-{length}"
+
+    def eligible(self, attr: "Attr") -> bool:
+        return attr.is_file and 0 < attr.length <= self.max_file and self.limit >= attr.length
+
+    def scan(self) -> None:
+        """Blocking. Index the images left by earlier mounts; drop temp files."""
+        if self._scanned:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        found = []
+        with os.scandir(self.dir) as it:
+            for e in it:
+                if e.name.startswith("tmp-") or e.name.startswith("."):
+                    _unlink(e.path)
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                found.append((st.st_mtime, e.name, st.st_blocks * 512))
+        for _, name, size in sorted(found):
+            self._files[name] = size
+            self._bytes += size
+        self._scanned = True
+        self._gauges()
+
+    def lookup(self, attr: "Attr") -> Optional[str]:
+        """Non-blocking. The current image of the file, if there is one."""
+        name = self.name(attr.ino, attr.data_version, attr.length)
+        if name not in self._files:
+            return None
+        self._files.move_to_end(name)
+        return os.path.join(self.dir, name)
+
+    def forget(self, path: str, unmap: bool = True) -> None:
+        """Blocking. Remove an image (open files of it stay valid); ``unmap``:
+        stop counting its page-cache events (its inode number may be reused)."""
+        name = os.path.basename(path)
+        size = self._files.pop(name, None)
+        if size is not None:
+            self._bytes -= size
+        _unlink(path)
+        if unmap:
+            self.unmap_name(name)
+        self._gauges()
+
+    def unmap_name(self, name: str) -> None:
+        key = self.mapped.pop(name, None)
+        if key is not None and self.unmap is not None:
+            self.unmap(*key)
+
+    def discard(self, ino: int) -> None:
+        """Blocking. Remove every image of ``ino`` (the file is gone)."""
+        if self._scanned:
+            self._drop_others(ino, "")
+
+    def _drop_others(self, ino: int, keep: str) -> None:
+        prefix = f"{ino}-"
+        for name in [n for n in self._files if n.startswith(prefix) and n != keep]:
+            self.forget(os.path.join(self.dir, name))
+
+    def _make_room(self, need: int) -> None:
+        while self._files and self._bytes + need > self.limit:
+            name = next(iter(self._files))
+            self.forget(os.path.join(self.dir, name))
+            metrics.inc("image_evictions")
+
+    def _gauges(self) -> None:
+        metrics.set_gauge("image_bytes", self._bytes)
+        metrics.set_gauge("image_files", len(self._files))
+
+    async def build(self, attr: "Attr", chunks: "ChunkStore", chunk_size: int,
+                    read_chunk: Callable[[int, int], Awaitable[list["Slice"]]]) -> bool:
+        """Assemble the image of ``attr`` (its version and length) from locally
+        held blocks; False (and nothing left behind) if one is not local."""
+        ino, length = attr.ino, attr.length
+        if ino in self.building or not self.eligible(attr):
+            return False
+        self.building.add(ino)
+        fd = -1
+        tmp = ""
+        try:
+            await threads.run_blocking(self.scan, limiter=threads.DISK)
+            if self.lookup(attr) is not None:
+                return True
+            self._seq += 1
+            tmp = os.path.join(self.dir, f"tmp-{ino}-{os.getpid()}-{self._seq}")
+            await threads.run_blocking(self._make_room, length, limiter=threads.DISK)
+            fd = await threads.run_blocking(os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600,
+                                            limiter=threads.DISK)
+            await threads.run_blocking(os.ftruncate, fd, length, limiter=threads.DISK)
+            bs = chunks.block_size
+            for chunk_idx in range((length + chunk_size - 1) // chunk_size):
+                base = chunk_idx * chunk_size
+                slices = await read_chunk(ino, chunk_idx)
+                for seg in overlay(slices, 0, min(chunk_size, length - base)):
+                    if not seg.id:
+                        continue
+                    for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
+                        data = await chunks.cached_or_disk(seg.id, seg.size, b)
+                        if data is None:
+                            metrics.inc("image_builds_not_local")
+                            return False
+                        lo, hi = max(seg.off, b * bs), min(seg.off + seg.len, (b + 1) * bs)
+                        piece = memoryview(data)[lo - b * bs:hi - b * bs]
+                        await threads.run_blocking(_pwrite_all, fd, piece, base + seg.pos + lo - seg.off,
+                                                   limiter=threads.DISK)
+            await threads.run_blocking(os.fdatasync, fd, limiter=threads.DISK)
+            name = self.name(ino, attr.data_version, length)
+            final = os.path.join(self.dir, name)
+            await threads.run_blocking(os.rename, tmp, final, limiter=threads.DISK)
+            tmp = ""
+            st = await threads.run_blocking(os.fstat, fd, limiter=threads.DISK)
+            self._files[name] = st.st_blocks * 512
+            self._bytes += st.st_blocks * 512
+            await threads.run_blocking(self._drop_others, ino, name, limiter=threads.DISK)
+            self._gauges()
+            metrics.inc("image_builds")
+            metrics.inc("image_built_bytes", length)
+            return True
+        except ObjectStoreError as exc:
+            # a slice was replaced meanwhile (its blocks deleted by compaction or
+            # another client): the next open builds from the new slices
+            metrics.inc("image_builds_aborted")
+            log.debug("image of inode %d not built: %s", ino, exc)
+            return False
+        except OSError as exc:
+            metrics.inc("image_build_errors")
+            if exc.errno == errno.ENOSPC:
+                log.info("image of inode %d not built: cache disk full", ino)
+            else:
+                log.warning("image of inode %d not built: %s", ino, exc)
+            return False
+        finally:
+            self.building.discard(ino)
+            if fd >= 0 or tmp:
+                with trio.CancelScope(shield=True):
+                    await threads.run_blocking(_close_unlink, fd, tmp, limiter=threads.DISK)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _open_stat(path: str):
+    fd = os.open(path, os.O_RDWR)
+    return fd, os.fstat(fd)
+
+
+def _close_unlink(fd: int, path: str) -> None:
+    if fd >= 0:
+        os.close(fd)
+    if path:
+        _unlink(path)
+
+
+@dataclass
+class Mode:
+    """An inode this daemon put in passthrough mode."""
+    bid: int          # backing id in the kernel
+    fd: int           # the image, open read-write (for mirrored writes)
+    path: str
+    version: int      # data_version the image holds (until dirty)
+    handles: int = 0
+    dirty: bool = False  # changed through this mount while in the mode
+
+
+class Passthrough:
+    def __init__(self, kernel: Optional[KernelBacking], images: Images):
+        self.kernel = kernel
+        self.images = images
+        self.modes: Dict[int, Mode] = {}
+        #: set by the VFS when the BPF probe is loaded: map(image dev, image ino, mount ino)
+        self.map: Optional[Callable[[int, int, int], None]] = None
+
+    @property
+    def available(self) -> bool:
+        return self.kernel is not None and self.kernel.available and self.images.max_file > 0
+
+    @property
+    def reason(self) -> str:
+        if self.images.max_file <= 0:
+            return "disabled (--passthrough-max 0)"
+        if self.kernel is None:
+            return "no kernel passthrough"
+        return self.kernel.reason
+
+    async def prepare(self, attr: "Attr", flags: int, open_here: int) -> None:
+        """Before an open of ``attr.ino`` (``open_here`` handles already open):
+        enter passthrough mode when this read-only open can use a current image."""
+        ino = attr.ino
+        if ino in self.modes or not self.available or flags & WRITE_FLAGS or open_here:
+            return
+        path = self.images.lookup(attr)
+        if path is None:
+            return
+        try:
+            fd, st = await threads.run_blocking(_open_stat, path, limiter=threads.DISK)
+        except OSError:  # evicted meanwhile
+            return
+        name = os.path.basename(path)
+        if self.map is not None and name not in self.images.mapped:
+            try:
+                self.map(st.st_dev, st.st_ino, ino)
+                self.images.mapped[name] = (st.st_dev, st.st_ino)
+            except Exception as exc:  # counters only
+                log.debug("BPF backing map: %s", exc)
+        try:
+            bid = await self.kernel.open(fd)  # type: ignore[union-attr]
+        except OSError as exc:
+            await threads.run_blocking(os.close, fd, limiter=threads.DISK)
+            metrics.inc("passthrough_errors")
+            log.warning("inode %d: backing file refused: %s", ino, exc)
+            return
+        if ino in self.modes:  # another open raced us to it
+            await self._retire(Mode(bid, fd, path, attr.data_version))
+            return
+        self.modes[ino] = Mode(bid, fd, path, attr.data_version)
+
+    def attach(self, attr: "Attr", flags: int, open_here: int) -> Optional[tuple[int, bool]]:
+        """Synchronous, right before the OPEN reply: (backing id, direct_io) when
+        this open must be passthrough, else None (cached mode)."""
+        m = self.modes.get(attr.ino)
+        if m is None:
+            return None
+        if m.handles == 0 and open_here:
+            return None  # a cached open slipped in while prepare waited: not this time
+        m.handles += 1
+        direct = bool(flags & WRITE_FLAGS) or m.dirty or m.version != attr.data_version
+        metrics.inc("passthrough_direct_opens" if direct else "passthrough_opens")
+        return m.bid, direct
+
+    async def detach(self, ino: int) -> bool:
+        """A passthrough handle of ``ino`` was released; True if it was the
+        last one and the image was changed while in the mode."""
+        m = self.modes.get(ino)
+        if m is None:
+            return False
+        m.handles -= 1
+        if m.handles > 0:
+            return False
+        del self.modes[ino]
+        await self._retire(m)
+        return m.dirty
+
+    async def drop_unused(self, ino: int) -> None:
+        """Leave passthrough mode if no handle took it (an open failed late)."""
+        m = self.modes.get(ino)
+        if m is not None and m.handles == 0:
+            del self.modes[ino]
+            await self._retire(m)
+
+    async def _retire(self, m: Mode) -> None:
+        with trio.CancelScope(shield=True):
+            await self.kernel.close(m.bid)  # type: ignore[union-attr]
+            await threads.run_blocking(os.close, m.fd, limiter=threads.DISK)
+            if m.dirty:  # unlinked at the first mirrored change: its inode is free now
+                self.images.unmap_name(os.path.basename(m.path))
+
+    async def _dirty(self, m: Mode) -> None:
+        if not m.dirty:
+            m.dirty = True
+            await threads.run_blocking(self.images.forget, m.path, False, limiter=threads.DISK)
+
+    async def mirror_write(self, ino: int, off: int, data: bytes) -> None:
+        """A write through this mount: passthrough readers here see it at once."""
+        m = self.modes.get(ino)
+        if m is not None:
+            await self._dirty(m)
+            await threads.run_blocking(_pwrite_all, m.fd, data, off, limiter=threads.DISK)
+            metrics.inc("passthrough_mirrored_bytes", len(data))
+
+    async def mirror_truncate(self, ino: int, length: int) -> None:
+        m = self.modes.get(ino)
+        if m is not None:
+            await self._dirty(m)
+            await threads.run_blocking(os.ftruncate, m.fd, length, limiter=threads.DISK)
+
+    async def close(self) -> None:
+        for ino in list(self.modes):
+            await self._retire(self.modes.pop(ino))

@@ -1,0 +1,241 @@
+"""FUSE passthrough through a real mount: file images in the disk cache, read by the kernel.
+
+A read-only open of a file whose image is current is replied FOPEN_PASSTHROUGH:
+its reads never reach the daemon (``fuse_op_read_count``) nor FUSE at all
+(BPF ``kernel_fuse_requests_READ``), and the BPF page-cache counters still
+count them for the mount inode.  Writes through the mount while such readers
+are open, other clients' changes and crashes never make anyone read stale data.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import time
+
+import pytest
+
+from mounthelper import read_cold
+from t5_fastpath import delta, kdelta, make_file, wait_bpf
+
+MiB = 1 << 20
+
+
+def wait_passthrough(m, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(os.path.join(m.path, ".config")) as f:
+            pt = json.load(f)["kernel_passthrough"]
+        if pt["enabled"]:
+            return
+        if pt["reason"] and "FUSE_INIT not seen" not in pt["reason"] and pt["reason"] != "waiting for FUSE_INIT":
+            pytest.skip(f"FUSE passthrough unavailable here: {pt['reason']}")
+        time.sleep(0.1)
+    raise AssertionError("passthrough did not come up")
+
+
+def wait_image(m, builds: int = 1, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if m.stats().get("image_builds", 0) >= builds:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no image built: {m.stats()}")
+
+
+def with_image(mounts, size: int, seed: int = 1):
+    """A file volume mounted with passthrough on, and a file of ``size`` bytes
+    read once so that its image exists: (mount, path, data)."""
+    m = mounts.mount(mounts.format("file"))
+    wait_passthrough(m)
+    f = os.path.join(m.path, "f")
+    data = make_file(f, size, seed=seed)
+    assert read_cold(f) == data
+    wait_image(m)
+    return m, f, data
+
+
+def random_reads(path: str, data: bytes, n: int, seed: int = 3) -> None:
+    rnd = random.Random(seed)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(n):
+            off = rnd.randrange(0, len(data) // 4096) * 4096
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+
+
+def test_second_open_is_read_by_the_kernel(mounts):
+    meta = mounts.format("s3")
+    m = mounts.mount(meta)
+    wait_bpf(m)
+    wait_passthrough(m)
+    f = os.path.join(m.path, "f")
+    data = bytearray(make_file(f, 12 * MiB))
+    # a hole in the middle: the image keeps it as a hole, reads give zeros
+    with open(f, "r+b") as fh:
+        fh.truncate(20 * MiB)
+        fh.seek(16 * MiB)
+        fh.write(b"tail" * 1024)
+    data += bytes(8 * MiB)
+    data[16 * MiB:16 * MiB + 4096] = b"tail" * 1024
+    data = bytes(data)
+    assert read_cold(f) == data  # first open: cached mode; starts the image
+    wait_image(m)
+    before = m.stats()
+    random_reads(f, data, 2000)
+    after = m.stats()
+    assert delta(before, after, "passthrough_opens") == 1
+    assert delta(before, after, "fuse_op_read_count") == 0
+    assert kdelta(before, after, "READ") == 0
+    # the BPF page-cache counters see the reads on the image as reads of this inode
+    assert delta(before, after, "kernel_read_calls") >= 2000
+    assert delta(before, after, "chunk_object_get_count") == 0
+    img = [n for n in os.listdir(os.path.join(m.cache_dir, os.listdir(m.cache_dir)[0], "images"))
+           if not n.startswith(".")]
+    assert len(img) == 1
+    st = os.stat(os.path.join(m.cache_dir, os.listdir(m.cache_dir)[0], "images", img[0]))
+    assert st.st_size == len(data) and st.st_blocks * 512 < 16 * MiB  # sparse
+
+
+def test_image_survives_remount_and_needs_no_object_store(mounts):
+    meta = mounts.format("s3")
+    m = mounts.mount(meta)
+    wait_passthrough(m)
+    f = os.path.join(m.path, "f")
+    data = make_file(f, 8 * MiB)
+    assert read_cold(f) == data
+    wait_image(m)
+    m.stop()
+    m.start()
+    wait_passthrough(m)
+    before = m.stats()
+    random_reads(f, data, 500)
+    with open(f, "rb") as fh:
+        assert fh.read() == data
+    after = m.stats()
+    assert delta(before, after, "passthrough_opens") == 2
+    assert delta(before, after, "fuse_op_read_count") == 0
+    assert delta(before, after, "chunk_object_get_count") == 0
+
+
+def test_writes_while_passthrough_readers_are_open(mounts):
+    m, f, data = with_image(mounts, 4 * MiB)
+    model = bytearray(data)
+    before = m.stats()
+    r = os.open(f, os.O_RDONLY)
+    w = os.open(f, os.O_RDWR)
+    try:
+        os.pwrite(w, b"A" * 5000, 100_000)
+        model[100_000:105_000] = b"A" * 5000
+        assert os.pread(r, 5000, 100_000) == b"A" * 5000  # seen at once, like a local file
+        os.pwrite(w, b"B" * 3000, 4 * MiB + 10)  # extends the file
+        model += bytes(10) + b"B" * 3000
+        assert os.fstat(r).st_size == len(model)
+        assert os.pread(r, 3000, 4 * MiB + 10) == b"B" * 3000
+        os.ftruncate(w, 3 * MiB)
+        del model[3 * MiB:]
+        assert os.fstat(r).st_size == 3 * MiB
+        assert os.pread(r, 4096, 3 * MiB - 100) == bytes(model[-100:])
+        with open(f, "rb") as mf:  # a reader opened now reads through the daemon; its mmap, the image
+            assert mf.read() == bytes(model)
+            mm = mmap.mmap(mf.fileno(), 0, prot=mmap.PROT_READ)
+            assert mm[:] == bytes(model)
+            mm.close()
+        os.fsync(w)
+    finally:
+        os.close(w)
+        os.close(r)
+    after = m.stats()
+    assert delta(before, after, "passthrough_opens") == 1
+    assert delta(before, after, "passthrough_direct_opens") == 2  # the writer, the late reader
+    assert delta(before, after, "passthrough_mirrored_bytes") == 8000
+    # after the mode ended: the changed image was dropped, nothing stale is served
+    assert read_cold(f) == bytes(model)
+    with open(f, "rb") as fh:
+        assert fh.read() == bytes(model)
+    m.stop()
+    m.start()
+    with open(f, "rb") as fh:
+        assert fh.read() == bytes(model)
+
+
+def test_other_client_change_is_never_read_stale(mounts):
+    meta = mounts.format("file")
+    a = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
+    b = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
+    wait_passthrough(b)
+    fa, fb = os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+    make_file(fa, 3 * MiB, seed=1)
+    with open(fb, "rb") as fh:
+        fh.read()
+    wait_image(b)
+    old_reader = os.open(fb, os.O_RDONLY)  # B in passthrough mode on version 1
+    try:
+        new = make_file(fa, 3 * MiB, seed=2)  # same size: only the data version tells
+        before = b.stats()
+        with open(fb, "rb") as fh:  # must be passthrough (mode) but read through the daemon
+            assert fh.read() == new
+        assert delta(before, b.stats(), "passthrough_direct_opens") == 1
+    finally:
+        os.close(old_reader)
+    with open(fb, "rb") as fh:  # mode ended: the version-1 image is not current any more
+        assert fh.read() == new
+    newer = make_file(fa, 2 * MiB, seed=3)
+    with open(fb, "rb") as fh:
+        assert fh.read() == newer
+    assert os.stat(fb).st_size == 2 * MiB
+
+
+def test_building_never_fetches_from_object_store(mounts):
+    meta = mounts.format("s3")
+    a = mounts.mount(meta)
+    f = os.path.join(a.path, "big")
+    data = make_file(f, 16 * MiB)
+    b = mounts.mount(meta)  # empty cache
+    wait_passthrough(b)
+    before = b.stats()
+    with open(os.path.join(b.path, "big"), "rb") as fh:
+        assert fh.read(4096) == data[:4096]
+    time.sleep(1)
+    after = b.stats()
+    assert delta(before, after, "image_builds") == 0
+    assert delta(before, after, "image_builds_not_local") == 1
+    assert delta(before, after, "chunk_object_get_count") <= 2  # the block read (+ readahead)
+
+
+def test_no_passthrough_option(mounts):
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--no-passthrough")
+    with open(os.path.join(m.path, ".config")) as fh:
+        pt = json.load(fh)["kernel_passthrough"]
+    assert pt == {"enabled": False, "reason": "disabled (--passthrough-max 0)"}
+    f = os.path.join(m.path, "f")
+    data = make_file(f, 2 * MiB)
+    assert read_cold(f) == data
+    before = m.stats()
+    assert read_cold(f) == data
+    after = m.stats()
+    assert delta(before, after, "fuse_op_read_count") > 0
+    assert delta(before, after, "passthrough_opens") == 0
+
+
+def test_kill9_while_image_is_being_changed(mounts):
+    m, f, _ = with_image(mounts, 2 * MiB)
+    r = os.open(f, os.O_RDONLY)
+    w = os.open(f, os.O_RDWR)
+    os.pwrite(w, b"durable!" * 512, 0)
+    os.fsync(w)
+    os.pwrite(w, b"maybe" * 100, 8192)  # not fsynced: may or may not survive
+    m.kill()
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    m.start()
+    with open(f, "rb") as fh:
+        got = fh.read(8192)
+    assert got[:4096] == b"durable!" * 512
