@@ -13,8 +13,9 @@ times, and prints the median of each side and their ratio:
 2. right after a remount (kernel cache empty, block cache warm): every 4 KiB
    block of the file once in random order, vs tmpfs, and vs the same volume
    mounted with the kernel fast path off (``--kernel-cache-budget 0
-   --no-passthrough``: every read is a daemon READ); for information also
-   after ``drop_caches`` (the host's page cache of the disk cache emptied too);
+   --no-passthrough``: every read is a daemon READ); for information, once at
+   the end, also after ``drop_caches`` (the host's page cache of the disk cache
+   emptied too, so it is read from the disk);
 3. stat of 1,000 cached files (fio ``filestat``) vs ext4;
 4. sequential 1 MiB reads of a file held in the block cache (page cache
    dropped by fio's ``invalidate=1``) vs tmpfs; the file is read once first
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     ap.add_argument("--no-passthrough", action="store_true", help="mount without FUSE passthrough (pusher only)")
+    ap.add_argument("--keep-log", default=None, help="copy the daemon's log here")
     args = ap.parse_args()
     size, seq_size = parse_size(args.size), parse_size(args.seq_size)
     work = tempfile.mkdtemp(prefix="curvefs-fastpath-", dir="/var/tmp")
@@ -166,9 +168,6 @@ def main() -> int:
             remount("--kernel-cache-budget", "0", "--no-passthrough")
             rows["remount_nopush"][1].append(randread_once(os.path.join(m.path, "rand"), size))
             remount()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1")
-            rows["remount_dropped"][1].append(randread_once(os.path.join(m.path, "rand"), size))
             # 3. stat storm over 1,000 cached files
             rows["stat"][0].append(statstorm(os.path.join(ext4, "stats"), args.runtime))
             statstorm(os.path.join(m.path, "stats"), 1)  # fill the attr/entry caches
@@ -177,6 +176,15 @@ def main() -> int:
             rows["seq"][0].append(seqread(os.path.join(tmpfs, "seq"), seq_size))
             rows["seq"][1].append(seqread(os.path.join(m.path, "seq"), seq_size))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+        # for information, once at the end: the host's page cache emptied too, so the
+        # disk cache (images, blocks) is read from the disk itself
+        remount()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        rows["remount_dropped"][1].append(randread_once(os.path.join(m.path, "rand"), size))
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        dropped_seq = seqread(os.path.join(m.path, "seq"), seq_size)
 
         med = {k: (statistics.median(a) if a else None, statistics.median(b)) for k, (a, b) in rows.items()}
         results = {
@@ -192,15 +200,20 @@ def main() -> int:
                                  "ratio": med["stat"][1] / med["stat"][0], "goal": 0.8},
             "seqread_block_cached": {"curvefs_mib_s": med["seq"][1], "tmpfs_mib_s": med["seq"][0],
                                      "ratio": med["seq"][1] / med["seq"][0], "goal": 0.8,
-                                     "first_read_mib_s": first_seq},
+                                     "first_read_mib_s": first_seq, "after_drop_caches_mib_s": dropped_seq},
         }
     finally:
         for mm in mounts:
             try:
+                st = mm.stats()
+                print("daemon:", {k: v for k, v in st.items() if k.startswith(("image_", "passthrough_"))},
+                      file=sys.stderr)
                 mm.stop()
             except Exception as exc:
                 print(f"unmount: {exc}", file=sys.stderr)
                 mm.kill()
+            if args.keep_log:
+                shutil.copy(mm.log_file, args.keep_log)
         s3.stop()
         subprocess.run(["umount", tmpfs])
         shutil.rmtree(work, ignore_errors=True)
@@ -216,7 +229,8 @@ def main() -> int:
           f"{r['stat_1000_cached']['ratio']:>7.2f} {'>=0.80':>7}  (ext4 stats/s)")
     print(f"{'seq read, block-cached':<24} {r['seqread_block_cached']['curvefs_mib_s']:>12,.0f} {r['seqread_block_cached']['tmpfs_mib_s']:>12,.0f} "
           f"{r['seqread_block_cached']['ratio']:>7.2f} {'>=0.80':>7}  (tmpfs MiB/s; first read after writing, "
-          f"through the daemon: {r['seqread_block_cached']['first_read_mib_s']:,.0f} MiB/s)")
+          f"through the daemon: {r['seqread_block_cached']['first_read_mib_s']:,.0f} MiB/s; after drop_caches "
+          f"{r['seqread_block_cached']['after_drop_caches_mib_s']:,.0f} MiB/s)")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1)

@@ -293,10 +293,14 @@ class Passthrough:
         """Before an open of ``attr.ino`` (``open_here`` handles already open):
         enter passthrough mode when this read-only open can use a current image."""
         ino = attr.ino
-        if ino in self.modes or not self.available or flags & WRITE_FLAGS or open_here:
+        if ino in self.modes or not self.available or flags & WRITE_FLAGS:
+            return
+        if open_here:
+            metrics.inc("passthrough_skipped_open_cached")  # the kernel allows one io mode
             return
         path = self.images.lookup(attr)
         if path is None:
+            metrics.inc("passthrough_skipped_no_image")
             return
         try:
             fd, st = await threads.run_blocking(_open_stat, path, limiter=threads.DISK)
