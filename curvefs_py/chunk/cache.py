@@ -173,6 +173,11 @@ class BlockCache:
     def disk_limit_effective(self) -> int:
         return self._disk_eff_limit
 
+    def has_disk(self, key: str) -> bool:
+        """Non-blocking. Whether ``key`` is indexed on disk (False before the scan)."""
+        with self._disk_lock:
+            return key in self._disk and key not in self._pending
+
     def disk_keys(self) -> list[str]:
         """Non-blocking. Keys indexed on disk, least recently used first."""
         with self._disk_lock:

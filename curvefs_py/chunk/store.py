@@ -178,6 +178,14 @@ class ChunkStore:
             data = await run_blocking(self.cache.load_disk, key, limiter=DISK)
         return data
 
+    def is_local(self, slice_id: int, slice_size: int, block_idx: int) -> bool:
+        """Non-blocking. Whether the block is held locally (memory, disk cache or
+        a local store), by the indexes only: a cheap check before a long job."""
+        if self.local_store:
+            return True
+        key = self.key(slice_id, slice_size, block_idx)
+        return self.cache.get_mem(key) is not None or self.cache.has_disk(key)
+
     async def prefetch(self, slice_id: int, slice_size: int, block_idx: int) -> None:
         """Start fetching a block into the caches in the background and return
         at once; dropped when too many prefetches run or no nursery was given."""

@@ -13,7 +13,10 @@ block cache (or a local ``file`` store) already holds — never fetched for it.
 (temp file, fdatasync, rename; a crash leaves only temp files, swept at scan).
 The name is the identity: data_version is persistent and bumped by every
 content change on every client, so an image is current iff its name matches
-the inode's attributes at open; it survives remounts.
+the inode's attributes at open; it survives remounts.  A build needs the
+chunks' slice lists: when a read-only handle closes, the ones its reads
+fetched are used (no extra metadata calls; a file not read to the end is not
+built); ``warmup`` reads them fresh.
 
 ``Passthrough``: the kernel's io mode per inode.  The kernel lets an inode be
 either in *cached* mode (page cache, the daemon's READs and pushes) or in
@@ -31,8 +34,9 @@ sends RELEASE, so this view is always a superset of the kernel's):
   mirrored into the image, so the passthrough readers on this machine see
   them at once; such an image no longer matches its name and is unlinked at
   the first mirrored change (its open file lives on until the mode ends);
-* otherwise cached mode, as without passthrough.  A read-only open of a file
-  whose blocks are all local starts building its image for the next open.
+* otherwise cached mode, as without passthrough.  When the last handle of a
+  file read through the daemon closes and all its blocks are local, its image
+  is built for the next open.
 
 Known limit: while an inode is in passthrough mode, a writable *shared mmap*
 by a writer modifies the image only (the daemon never sees those stores); a
@@ -184,13 +188,10 @@ class Images:
             await threads.run_blocking(self.scan, limiter=threads.DISK)
             if self.lookup(attr) is not None:
                 return True
-            self._seq += 1
-            tmp = os.path.join(self.dir, f"tmp-{ino}-{os.getpid()}-{self._seq}")
-            await threads.run_blocking(self._make_room, length, limiter=threads.DISK)
-            fd = await threads.run_blocking(os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600,
-                                            limiter=threads.DISK)
-            await threads.run_blocking(os.ftruncate, fd, length, limiter=threads.DISK)
+            # the visible segments of every chunk, and whether all their blocks are
+            # local, before any file is created (most files read once are not)
             bs = chunks.block_size
+            plan = []
             for chunk_idx in range((length + chunk_size - 1) // chunk_size):
                 base = chunk_idx * chunk_size
                 slices = await read_chunk(ino, chunk_idx)
@@ -198,14 +199,26 @@ class Images:
                     if not seg.id:
                         continue
                     for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
-                        data = await chunks.cached_or_disk(seg.id, seg.size, b)
-                        if data is None:
+                        if not chunks.is_local(seg.id, seg.size, b):
                             metrics.inc("image_builds_not_local")
                             return False
-                        lo, hi = max(seg.off, b * bs), min(seg.off + seg.len, (b + 1) * bs)
-                        piece = memoryview(data)[lo - b * bs:hi - b * bs]
-                        await threads.run_blocking(_pwrite_all, fd, piece, base + seg.pos + lo - seg.off,
-                                                   limiter=threads.DISK)
+                    plan.append((base, seg))
+            self._seq += 1
+            tmp = os.path.join(self.dir, f"tmp-{ino}-{os.getpid()}-{self._seq}")
+            await threads.run_blocking(self._make_room, length, limiter=threads.DISK)
+            fd = await threads.run_blocking(os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600,
+                                            limiter=threads.DISK)
+            await threads.run_blocking(os.ftruncate, fd, length, limiter=threads.DISK)
+            for base, seg in plan:
+                for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
+                    data = await chunks.cached_or_disk(seg.id, seg.size, b)
+                    if data is None:  # evicted meanwhile
+                        metrics.inc("image_builds_not_local")
+                        return False
+                    lo, hi = max(seg.off, b * bs), min(seg.off + seg.len, (b + 1) * bs)
+                    piece = memoryview(data)[lo - b * bs:hi - b * bs]
+                    await threads.run_blocking(_pwrite_all, fd, piece, base + seg.pos + lo - seg.off,
+                                               limiter=threads.DISK)
             await threads.run_blocking(os.fdatasync, fd, limiter=threads.DISK)
             name = self.name(ino, attr.data_version, length)
             final = os.path.join(self.dir, name)

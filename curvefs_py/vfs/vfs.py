@@ -22,6 +22,7 @@ import trio
 
 from .. import ROOT_INODE, metrics, threads
 from ..errors import FsError, NoSuchKey
+from ..chunk.layout import overlay
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
@@ -453,22 +454,40 @@ class VFS:
         self.kernel_versions[ino] = attr.data_version
         if not flags & (os.O_WRONLY | os.O_RDWR):
             self.pusher.on_open(ino, attr.length, keep)
-            self._maybe_build_image(attr)
         elif not keep:
             self.pusher.dropped(ino)
         return h.fh, keep, False, 0
 
     def _maybe_build_image(self, attr: Attr) -> None:
-        """Assemble the file's image for its next open, if its blocks are local."""
-        if (self.passthrough.available and self._nursery is not None and self.images.eligible(attr)
-                and attr.ino not in self.images.building and self.images.lookup(attr) is None
-                and not self.writers.get(attr.ino)):
-            self._nursery.start_soon(self._build_image, attr, name=f"image {attr.ino}")
+        """When a file's last handle closes: if its reads fetched every chunk's
+        slice list and all those blocks are local (a hint, no metadata call),
+        assemble its image for the next open."""
+        ino, cs, bs = attr.ino, self.fmt.chunk_size, self.fmt.block_size
+        if not (self.passthrough.available and self._nursery is not None and self.images.eligible(attr)
+                and ino not in self.images.building and self.images.lookup(attr) is None
+                and not self.writers.get(ino)):
+            return
+        for idx in range((attr.length + cs - 1) // cs):
+            slices = self._slices.get((ino, idx))
+            if slices is None:
+                return  # not read to the end through this open
+            for seg in overlay(slices, 0, min(cs, attr.length - idx * cs)):
+                if seg.id and not all(self.chunks.is_local(seg.id, seg.size, b)
+                                      for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1)):
+                    metrics.inc("image_builds_not_local")
+                    return
+        self._nursery.start_soon(self._build_image, None, ino, name=f"image {ino}")
 
-    async def _build_image(self, attr: Attr) -> bool:
+    async def _build_image(self, attr: Optional[Attr], ino: int = 0) -> bool:
+        """Build from fresh metadata: the attributes first, then the slice lists,
+        so the image's name (data_version) is never newer than its bytes."""
         try:
+            if attr is None:
+                attr = await self._meta(self.engine.getattr, ino)
+                if not self.images.eligible(attr) or self.writers.get(ino):
+                    return False
             return await self.images.build(attr, self.chunks, self.fmt.chunk_size,
-                                           lambda ino, idx: self._meta(self.engine.read_chunk, ino, idx))
+                                           lambda i, idx: self._meta(self.engine.read_chunk, i, idx))
         except Exception as exc:  # an image is an optimisation: never fail a request for it
             log.warning("image of inode %d: %s", attr.ino, exc)
             return False
@@ -567,7 +586,9 @@ class VFS:
                 self.kernel_versions[h.ino] = STALE  # written while the page cache was bypassed
         if last:
             await self.passthrough.drop_unused(h.ino)
-            self.open_attrs.pop(h.ino, None)
+            attr = self.open_attrs.pop(h.ino, None)
+            if attr is not None and not h.backing and not h.flags & (os.O_WRONLY | os.O_RDWR):
+                self._maybe_build_image(attr)
             self._drop_slices(h.ino)
             await self._meta(self.engine.release_sustained, h.ino)
             self._delete_kick.set()
