@@ -488,8 +488,11 @@ class VFS:
                     return False
             return await self.images.build(attr, self.chunks, self.fmt.chunk_size,
                                            lambda i, idx: self._meta(self.engine.read_chunk, i, idx))
+        except FsError as exc:  # removed or changed meanwhile: nothing to build
+            log.debug("image of inode %d: %s", attr.ino if attr else ino, exc)
+            return False
         except Exception as exc:  # an image is an optimisation: never fail a request for it
-            log.warning("image of inode %d: %s", attr.ino, exc)
+            log.warning("image of inode %d: %s", attr.ino if attr else ino, exc)
             return False
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
