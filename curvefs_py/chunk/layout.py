@@ -57,6 +57,10 @@ class Segment:
     size: int
     off: int
 
+    def blocks(self, block_size: int) -> range:
+        """Indexes of the slice's blocks this segment reads from."""
+        return range(self.off // block_size, (self.off + self.len - 1) // block_size + 1)
+
 
 def overlay(slices: Sequence[Slice], start: int, length: int) -> list[Segment]:
     """The visible segments of chunk range ``[start, start+length)``, in order,

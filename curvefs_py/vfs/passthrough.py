@@ -58,6 +58,7 @@ from ..chunk.layout import overlay
 from ..errors import ObjectStoreError
 
 if TYPE_CHECKING:
+    from ..chunk.layout import Segment
     from ..chunk.store import ChunkStore
     from ..types import Attr, Slice
 
@@ -164,6 +165,23 @@ class Images:
         for name in [n for n in self._files if n.startswith(prefix) and n != keep]:
             self.forget(os.path.join(self.dir, name))
 
+    @staticmethod
+    def local_plan(length: int, chunks: "ChunkStore", chunk_size: int,
+                   slices: Dict[int, list["Slice"]]) -> Optional[list[tuple[int, "Segment"]]]:
+        """Non-blocking. The (chunk offset, segment) pieces of a file of ``length``
+        bytes whose chunks hold ``slices``, or None if a block is not held locally."""
+        plan = []
+        for chunk_idx in range((length + chunk_size - 1) // chunk_size):
+            base = chunk_idx * chunk_size
+            for seg in overlay(slices[chunk_idx], 0, min(chunk_size, length - base)):
+                if not seg.id:
+                    continue
+                if not all(chunks.is_local(seg.id, seg.size, b) for b in seg.blocks(chunks.block_size)):
+                    metrics.inc("image_builds_not_local")
+                    return None
+                plan.append((base, seg))
+        return plan
+
     def _make_room(self, need: int) -> None:
         while self._files and self._bytes + need > self.limit:
             name = next(iter(self._files))
@@ -190,19 +208,11 @@ class Images:
                 return True
             # the visible segments of every chunk, and whether all their blocks are
             # local, before any file is created (most files read once are not)
+            slices = {idx: await read_chunk(ino, idx) for idx in range((length + chunk_size - 1) // chunk_size)}
+            plan = self.local_plan(length, chunks, chunk_size, slices)
+            if plan is None:
+                return False
             bs = chunks.block_size
-            plan = []
-            for chunk_idx in range((length + chunk_size - 1) // chunk_size):
-                base = chunk_idx * chunk_size
-                slices = await read_chunk(ino, chunk_idx)
-                for seg in overlay(slices, 0, min(chunk_size, length - base)):
-                    if not seg.id:
-                        continue
-                    for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
-                        if not chunks.is_local(seg.id, seg.size, b):
-                            metrics.inc("image_builds_not_local")
-                            return False
-                    plan.append((base, seg))
             self._seq += 1
             tmp = os.path.join(self.dir, f"tmp-{ino}-{os.getpid()}-{self._seq}")
             await threads.run_blocking(self._make_room, length, limiter=threads.DISK)
@@ -210,7 +220,7 @@ class Images:
                                             limiter=threads.DISK)
             await threads.run_blocking(os.ftruncate, fd, length, limiter=threads.DISK)
             for base, seg in plan:
-                for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
+                for b in seg.blocks(bs):
                     data = await chunks.cached_or_disk(seg.id, seg.size, b)
                     if data is None:  # evicted meanwhile
                         metrics.inc("image_builds_not_local")

@@ -77,5 +77,5 @@ class Reader:
             for seg in overlay(slices, coff, n):
                 if not seg.id:
                     continue
-                for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1):
+                for b in seg.blocks(bs):
                     await self.chunks.prefetch(seg.id, seg.size, b)

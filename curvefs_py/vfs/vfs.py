@@ -22,7 +22,6 @@ import trio
 
 from .. import ROOT_INODE, metrics, threads
 from ..errors import FsError, NoSuchKey
-from ..chunk.layout import overlay
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
@@ -462,20 +461,16 @@ class VFS:
         """When a file's last handle closes: if its reads fetched every chunk's
         slice list and all those blocks are local (a hint, no metadata call),
         assemble its image for the next open."""
-        ino, cs, bs = attr.ino, self.fmt.chunk_size, self.fmt.block_size
+        ino, cs = attr.ino, self.fmt.chunk_size
         if not (self.passthrough.available and self._nursery is not None and self.images.eligible(attr)
                 and ino not in self.images.building and self.images.lookup(attr) is None
                 and not self.writers.get(ino)):
             return
-        for idx in range((attr.length + cs - 1) // cs):
-            slices = self._slices.get((ino, idx))
-            if slices is None:
-                return  # not read to the end through this open
-            for seg in overlay(slices, 0, min(cs, attr.length - idx * cs)):
-                if seg.id and not all(self.chunks.is_local(seg.id, seg.size, b)
-                                      for b in range(seg.off // bs, (seg.off + seg.len - 1) // bs + 1)):
-                    metrics.inc("image_builds_not_local")
-                    return
+        slices = {idx: self._slices.get((ino, idx)) for idx in range((attr.length + cs - 1) // cs)}
+        if any(s is None for s in slices.values()):
+            return  # not read to the end through this open
+        if self.images.local_plan(attr.length, self.chunks, cs, slices) is None:  # type: ignore[arg-type]
+            return
         self._nursery.start_soon(self._build_image, None, ino, name=f"image {ino}")
 
     async def _build_image(self, attr: Optional[Attr], ino: int = 0) -> bool:
