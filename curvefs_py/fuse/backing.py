@@ -49,8 +49,6 @@ class KernelBacking:
             self.reason = f"cannot load {SHIM}: {exc}"
             return False
         lib.cfpt_expect.argtypes = [ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint32]
-        lib.cfpt_forget.argtypes = [ctypes.c_uint64]
-        lib.cfpt_patched_opens.restype = ctypes.c_uint64
         if lib.cfpt_install() <= 0:
             self.reason = "libfuse3's writev could not be hooked"
             return False
@@ -112,6 +110,3 @@ class KernelBacking:
         """The OPEN reply for ``fh`` (sent when the handler returns) gets
         FOPEN_PASSTHROUGH with backing ``bid``."""
         self._lib.cfpt_expect(fh, bid, FOPEN_DIRECT_IO if direct_io else 0)
-
-    def patched_opens(self) -> int:
-        return int(self._lib.cfpt_patched_opens()) if self._lib is not None else 0

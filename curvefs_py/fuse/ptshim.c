@@ -25,7 +25,7 @@
  *     reply can come between the registration and its reply.
  *
  * Everything else passes through untouched.  Loaded with ctypes by
- * curvefs_py/fuse/passthrough.py; built by scripts/setup.sh.
+ * curvefs_py/fuse/backing.py; built by scripts/setup.sh.
  */
 #define _GNU_SOURCE
 #include <elf.h>
@@ -68,7 +68,6 @@ static struct { uint64_t fh; int32_t id; uint32_t flags; int used; } pending[SLO
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int fuse_fd = -1;
 static int init_state;                /* 0: no reply yet, 1: INIT patched, 2: first reply was not INIT */
-static uint64_t n_patched, n_missed;
 
 static int take(uint64_t fh, int32_t *id, uint32_t *flags)
 {
@@ -124,7 +123,6 @@ static ssize_t hook_writev(int fd, const struct iovec *iov, int cnt)
 		if (take(oo.fh, &id, &flags)) {
 			oo.open_flags = (oo.open_flags | FOPEN_PASSTHROUGH | flags) & FOPEN_PT_MASK;
 			oo.backing_id = id;
-			__atomic_add_fetch(&n_patched, 1, __ATOMIC_RELAXED);
 			struct iovec v[2] = {{iov[0].iov_base, iov[0].iov_len}, {&oo, sizeof(oo)}};
 			return writev(fd, v, 2);
 		}
@@ -254,13 +252,3 @@ int cfpt_expect(uint64_t fh, int32_t backing_id, uint32_t flags)
 	return 0;
 }
 
-/* Forget a registration whose OPEN reply was never sent (handler failed). */
-void cfpt_forget(uint64_t fh)
-{
-	int32_t id;
-	uint32_t flags;
-	if (take(fh, &id, &flags))
-		__atomic_add_fetch(&n_missed, 1, __ATOMIC_RELAXED);
-}
-
-uint64_t cfpt_patched_opens(void) { return n_patched; }
