@@ -85,7 +85,10 @@ def test_push_on_open_after_remount(mounts):
     m.start()
     fd = os.open(f, os.O_RDONLY)
     try:
-        time.sleep(1.0)  # the push runs in the background after OPEN's reply
+        # the push runs in the background after OPEN's reply: wait for it to end
+        deadline = time.monotonic() + 10
+        while m.stats().get("pusher_pushed_bytes", 0) < len(data) - 4096 and time.monotonic() < deadline:
+            time.sleep(0.1)
         before = m.stats()
         got = b"".join(os.pread(fd, 1 << 20, off) for off in range(0, len(data), 1 << 20))
         after = m.stats()
