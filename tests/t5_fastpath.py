@@ -173,11 +173,17 @@ def test_bpf_counts_known_workload_exactly(mounts):
     assert kdelta(before, after, "READ") == 0
 
 
-def test_other_client_change_never_read_stale(mounts):
+def two_clients(mounts):
+    """Two mounts of one file volume with 60 s attr/entry timeouts, and the
+    paths of one file as each sees it: (a, b, path on a, path on b)."""
     meta = mounts.format("file")
     a = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
     b = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
-    fa, fb = os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+    return a, b, os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+
+
+def test_other_client_change_never_read_stale(mounts):
+    a, b, fa, fb = two_clients(mounts)
     make_file(fa, 3 * MiB, seed=1)
     with open(fb, "rb") as f:  # B caches version 1 in its page cache
         v1 = f.read()

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from mounthelper import read_cold
-from t5_fastpath import delta, kdelta, make_file, wait_bpf
+from t5_fastpath import delta, kdelta, make_file, two_clients, wait_bpf
 
 MiB = 1 << 20
 
@@ -163,11 +163,8 @@ def test_writes_while_passthrough_readers_are_open(mounts):
 
 
 def test_other_client_change_is_never_read_stale(mounts):
-    meta = mounts.format("file")
-    a = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
-    b = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
+    a, b, fa, fb = two_clients(mounts)
     wait_passthrough(b)
-    fa, fb = os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
     make_file(fa, 3 * MiB, seed=1)
     with open(fb, "rb") as fh:
         fh.read()
