@@ -14,9 +14,13 @@ class FsError(Exception):
 
     errno: int = _errno.EIO
 
-    def __init__(self, errno: int | None = None, msg: str = ""):
+    def __init__(self, errno: int | str | None = None, msg: str = ""):
+        # ``MetaError("text")``: a subclass raised with just a message keeps its
+        # class errno (the errno must be an int: it goes to the kernel as is)
+        if isinstance(errno, str):
+            errno, msg = None, msg or errno
         if errno is not None:
-            self.errno = errno
+            self.errno = int(errno)
         super().__init__(msg or _errno.errorcode.get(self.errno, str(self.errno)))
 
 

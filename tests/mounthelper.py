@@ -56,12 +56,14 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         cmd = CLI + ["mount", self.meta_url, self.path, "--cache-dir", self.cache_dir,
                      "--log", self.log_file] + list(self.options)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe nobody drains: libfuse and Python print there
+        with open(self.stderr_file, "ab") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"mount exited {self.proc.returncode}: {self.proc.stderr.read().decode()}")
+                raise AssertionError(f"mount exited {self.proc.returncode}: {self._stderr()}")
             if is_mounted(self.path):
                 return self
             time.sleep(0.05)
@@ -95,13 +97,26 @@ class Mount:
         subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
         self.proc = None
 
+    @property
+    def stderr_file(self) -> str:
+        return self.log_file + ".stderr"
+
+    def _stderr(self) -> str:
+        try:
+            with open(self.stderr_file, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
     def log_problems(self) -> list[str]:
-        """WARNING/ERROR lines of the daemon log (tests fail on unexpected ones)."""
+        """WARNING/ERROR lines of the daemon log, and whatever the daemon printed on
+        stderr (libfuse's own complaints land there): tests fail on unexpected ones."""
         try:
             with open(self.log_file) as f:
-                return [ln for ln in f if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+                lines = [ln for ln in f if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
         except FileNotFoundError:
-            return []
+            lines = []
+        return lines + [f"stderr: {ln}" for ln in self._stderr().splitlines() if ln.strip()]
 
     def stats(self) -> dict:
         """The daemon's counters (``.stats``), read as ``curvefs stats`` reads them."""

@@ -302,6 +302,15 @@ def test_mknod_types(engine):
     check_tree(e)
 
 
+def test_errors_raised_with_a_message_keep_their_errno():
+    """``MetaError("text")`` is EIO with that text; an errno given explicitly wins.
+    (The errno goes to the kernel as is: it must be an int.)"""
+    e = MetaError("redis://h:1/0: connection refused")
+    assert e.errno == errno.EIO and str(e) == "redis://h:1/0: connection refused"
+    assert FsError(errno.ENOENT, "gone").errno == errno.ENOENT
+    assert MetaError(errno.EAGAIN).errno == errno.EAGAIN and str(MetaError()) == "EIO"
+
+
 def test_mknod_errors(engine):
     e = engine
     f = mkfile(e, ROOT_INODE, b"f")

@@ -9,6 +9,7 @@ that what was fsynced survives it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -162,13 +163,24 @@ def test_two_mounts_share_a_volume(mounts, redis_server):
         assert f.read() == b"59"
 
 
-def test_fsynced_data_survives_a_redis_crash(mounts, tmp_path):
-    """kill -9 of the redis-server under a mount: what was fsynced before is there
-    after the restart (AOF, appendfsync always), and the mount carries on."""
+@contextlib.contextmanager
+def own_redis(mounts, tmp_path):
+    """A redis-server of the test's own (the test kills it) and a volume mounted on
+    it: ``(server, META_URL, mount)``. The outage's warnings are expected: heartbeat,
+    change feed (publisher, follower) and calls that meet it say so and carry on."""
     srv = servers.start_redis(tmp_path / "srv")
     try:
         meta = mounts.format("file", meta=srv.url(0))
-        m = mounts.mount(meta)
+        mounts.allow_log += [srv.url(0), "publishing", "change feed failed", "127.0.0.1:"]
+        yield srv, meta, mounts.mount(meta)
+    finally:
+        srv.stop()
+
+
+def test_fsynced_data_survives_a_redis_crash(mounts, tmp_path):
+    """kill -9 of the redis-server under a mount: what was fsynced before is there
+    after the restart (AOF, appendfsync always), and the mount carries on."""
+    with own_redis(mounts, tmp_path) as (srv, meta, m):
         path = os.path.join(m.path, "f")
         with open(path, "wb") as f:
             f.write(b"fsynced" * 1000)
@@ -176,9 +188,6 @@ def test_fsynced_data_survives_a_redis_crash(mounts, tmp_path):
         os.mkdir(os.path.join(m.path, "dir"))
         srv.kill()
         srv.restart()
-        mounts.allow_log.append(srv.url(0))  # a heartbeat during the outage may fail (MetaError)
-        # the change feed (publisher, follower) also meets the outage; it says so and carries on
-        mounts.allow_log += ["publishing", "change feed failed", "127.0.0.1:"]
         with open(os.path.join(m.path, "dir", "after"), "wb") as f:
             f.write(b"after the restart")
         m.stop()
@@ -188,8 +197,36 @@ def test_fsynced_data_survives_a_redis_crash(mounts, tmp_path):
         with open(os.path.join(m2.path, "dir", "after"), "rb") as f:
             assert f.read() == b"after the restart"
         m2.stop()
-    finally:
-        srv.stop()
+
+
+def test_metadata_outage_is_eio_and_the_mount_carries_on(mounts, tmp_path):
+    """With the redis-server down, calls that need metadata fail with EIO, and a
+    RELEASE that cannot reach it fails quietly: neither ends the mount (a MetaError
+    once carried its message as its errno, and the FUSE adapter's TypeError for it
+    took the daemon down: ENOTCONN). Once the server is back the same mount works,
+    and unmounting during an outage exits 0 without a traceback."""
+    with own_redis(mounts, tmp_path) as (srv, meta, m):
+        path = os.path.join(m.path, "f")
+        with open(path, "wb") as f:
+            f.write(b"before")
+        fd = os.open(path, os.O_RDONLY)
+        srv.kill()
+        with pytest.raises(OSError) as e:
+            os.mkdir(os.path.join(m.path, "during"))
+        assert e.value.errno == errno.EIO
+        os.close(fd)  # its RELEASE (release_sustained) meets the outage
+        srv.restart()
+        os.mkdir(os.path.join(m.path, "after"))
+        with open(path, "rb") as f:
+            assert f.read() == b"before"
+        assert sorted(os.listdir(m.path)) == ["after", "f"]
+        srv.kill()  # and an unmount during an outage: a clean exit, warnings only
+        proc = m.proc
+        m.stop()
+        assert proc.returncode == 0
+        srv.restart()
+        m2 = mounts.mount(meta)
+        assert sorted(os.listdir(m2.path)) == ["after", "f"]
 
 
 def test_cli_errors_for_redis_urls(redis_server, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -35,27 +36,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _mounted(mp: str) -> bool:
+    """Whether ``mp`` is a mount point, from mountinfo: no call into the file system
+    (a stat would wait for, or fail with, a daemon that cannot reach its metadata)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == mp for line in f)
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def run(args) -> int:
     mp = os.path.abspath(args.mountpoint)
-    try:
-        os.stat(mp)
-        if os.path.ismount(mp):  # the stat may come from the attr cache: OPENDIR reaches the daemon
-            try:
-                os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))
-            except OSError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    raise
-    except FileNotFoundError:
-        raise QuietError(f"{mp} does not exist", 6) from None
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise QuietError(f"{mp}: {exc.strerror}", 6) from None
-        # the daemon is gone (crashed or killed): clear the dead mount
-        subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
-        print(f"cleared dead mount {mp}")
-        return 0
-    if not os.path.ismount(mp):
+    if not _mounted(mp):  # mountinfo has the real path (resolving mp itself would stat it)
+        mp = os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
+    if not _mounted(mp):
+        if not os.path.lexists(mp):
+            raise QuietError(f"{mp} does not exist", 6)
         raise QuietError(f"{mp} is not mounted", 6)
+    try:
+        # OPENDIR reaches the daemon (a stat may come from the attr cache)
+        os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            # the daemon is gone (crashed or killed): clear the dead mount
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+            print(f"cleared dead mount {mp}")
+            return 0
+        # anything else (EIO while the daemon cannot reach its metadata): the
+        # daemon is alive, and unmounting it is still the right thing to do
     pid = _daemon_pid(mp)
     cmd = ["fusermount3", "-u"] + (["-z"] if args.lazy else []) + [mp]
     r = subprocess.run(cmd, capture_output=True, text=True)

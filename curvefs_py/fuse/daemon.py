@@ -160,6 +160,8 @@ def serve(opts: MountOptions) -> int:
             lazy_unmount(mp)
         try:
             engine.close_session()
+        except FsError as exc:  # e.g. the metadata server is down at unmount
+            log.warning("closing session failed (others reclaim it after the session timeout): %s", exc)
         finally:
             engine.close()
             store.close()

@@ -42,9 +42,10 @@ def _guard(fn):
             raise
         except FsError as exc:
             metrics.inc(f"fuse_ops_errors_{name}")
-            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EROFS):
+            code = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
+            if code in (errno.EIO, errno.ENOSPC, errno.EROFS):
                 log.warning("%s%r: %s", name, args[:2], exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(code) from None
         except OSError as exc:
             metrics.inc(f"fuse_ops_errors_{name}")
             log.warning("%s%r: %s", name, args[:2], exc)

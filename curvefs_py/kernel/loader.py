@@ -34,6 +34,7 @@ print the non-zero counters of a mount every INTERVAL seconds.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes as ct
 import logging
 import os
@@ -344,6 +345,11 @@ def _load(probe, target, programs, tracefs, bpf_dir, extra_cflags) -> KernelProb
         except Exception as exc:
             probe.errors[name] = f"compile/attach error in {name}.bpf.c: {_first_line(exc)}"
             continue
+        # BCC registers cleanup() with atexit; the probe owns it instead (close()).
+        # Otherwise an abandoned load closing itself in its worker thread races the
+        # exit-time cleanup over the same descriptor numbers (EBADF on stderr, or a
+        # reused fd closed). Exit releases the programs' descriptors anyway.
+        atexit.unregister(b.cleanup)
         try:
             maps.check_layout(name, b)
         except Exception as exc:

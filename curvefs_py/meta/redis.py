@@ -643,14 +643,17 @@ class RedisEngine(Engine):
     # ------------------------------------------------------------ change feed
     def _plain(self, cmds: list[tuple]) -> list[Any]:
         """Commands outside any transaction (the change feed only)."""
-        conn = self._conn()
+        conn = None
         try:
+            conn = self._conn()
             return _check(_roundtrip(conn, cmds))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            conn.disconnect()
+            if conn is not None:
+                conn.disconnect()
             raise MetaError(f"{self.description}: {exc}") from None
         finally:
-            self._pool.release(conn)
+            if conn is not None:
+                self._pool.release(conn)
 
     def publish(self, changes: list) -> None:
         """Blocking. Append this session's changes to the ``changes`` stream

@@ -171,9 +171,14 @@ class VFS:
         nursery.start_soon(self._publisher, name="change-publisher")
 
     async def close(self) -> None:
-        """Flush every writer and run the deleter once (unmount path)."""
+        """Flush every writer and run the deleter once (unmount path). A metadata
+        or object-store outage here is logged, not raised: writers that could not
+        flush say so (flush_all), and deletions stay queued for the next mount."""
         await self.writers.flush_all()
-        await self._delete_pending()
+        try:
+            await self._delete_pending()
+        except FsError as exc:
+            log.warning("deleting unused objects at unmount failed (left for later): %s", exc)
         await self.passthrough.close()
 
     def _changed(self, ino: int = 0, parent: int = 0, name: bytes = b"") -> None:
