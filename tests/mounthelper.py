@@ -118,6 +118,14 @@ class Mount:
             lines = []
         return lines + [f"stderr: {ln}" for ln in self._stderr().splitlines() if ln.strip()]
 
+    def observe(self, seconds: float = 600) -> None:
+        """Attach the daemon's per-read and per-stat kernel observers for ``seconds``,
+        as ``curvefs stats`` does (mounted ``--kernel-observe on-demand`` they are off)."""
+        from curvefs_py.cli.stats import observe
+
+        observe(self.path, seconds)
+        assert self.stats().get("kernel_observing") == 1, "kernel observers did not attach"
+
     def stats(self) -> dict:
         """The daemon's counters (``.stats``), read as ``curvefs stats`` reads them."""
         from curvefs_py.cli.stats import read_stats

@@ -17,13 +17,17 @@ from mounthelper import cli
 MiB = 1 << 20
 
 
-def wait_bpf(m, timeout=90.0) -> dict:
+def wait_bpf(m, timeout=90.0, observe=True) -> dict:
+    """Wait for the daemon's BPF counters; ``observe``: attach the kernel observers
+    (read and stat calls), as ``curvefs stats`` does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(os.path.join(m.path, ".config")) as f:
             cfg = json.load(f)
         b = cfg["kernel_bpf"]
         if b["available"]:
+            if observe:
+                m.observe()
             return cfg
         if b["reason"] not in ("not loaded", ""):
             pytest.skip(f"BPF unavailable here: {b['reason']}")
@@ -180,6 +184,50 @@ def two_clients(mounts):
     a = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
     b = mounts.mount(meta, "--attr-timeout", "60", "--entry-timeout", "60")
     return a, b, os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+
+
+def poll(fn, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_kernel_observers_attach_on_demand(mounts):
+    """By default the per-read and per-stat observers stay detached until somebody
+    observes (``curvefs stats``): page-cache reads and stats then leave
+    kernel_read_calls and kernel_stat_calls alone. ``observe`` attaches them (exact
+    counts again) and they detach when its lease runs out. ``--kernel-observe
+    always`` keeps them attached without asking."""
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--attr-timeout", "60")
+    f = os.path.join(m.path, "f")
+    make_file(f, MiB)
+    wait_bpf(m, observe=False)
+    poll(lambda: m.stats().get("kernel_observing") == 0)  # detached right after loading
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.pread(fd, MiB, 0)  # cached from here on
+
+        def workload() -> dict:
+            before = m.stats()
+            for i in range(53):
+                assert len(os.pread(fd, 4096, i * 4096)) == 4096
+                os.stat(f)
+            return {k: delta(before, m.stats(), k) for k in ("kernel_read_calls", "kernel_stat_calls")}
+
+        assert workload() == {"kernel_read_calls": 0, "kernel_stat_calls": 0}
+        m.observe(2)
+        assert workload() == {"kernel_read_calls": 53, "kernel_stat_calls": 53}
+        poll(lambda: m.stats().get("kernel_observing") == 0)  # the lease ran out
+        assert workload() == {"kernel_read_calls": 0, "kernel_stat_calls": 0}
+    finally:
+        os.close(fd)
+    m.stop()
+    m2 = mounts.mount(meta, "--kernel-observe", "always")
+    wait_bpf(m2, observe=False)
+    time.sleep(2.5)  # the on-demand follower would have detached by now
+    assert m2.stats().get("kernel_observing") == 1
 
 
 def test_other_client_change_never_read_stale(mounts):

@@ -8,16 +8,18 @@ are open, other clients' changes and crashes never make anyone read stale data.
 """
 from __future__ import annotations
 
+import glob
 import json
 import mmap
 import os
 import random
+import subprocess
 import time
 
 import pytest
 
 from mounthelper import read_cold
-from t5_fastpath import delta, kdelta, make_file, two_clients, wait_bpf
+from t5_fastpath import delta, kdelta, make_file, poll, two_clients, wait_bpf
 
 MiB = 1 << 20
 
@@ -63,6 +65,36 @@ def random_reads(path: str, data: bytes, n: int, seed: int = 3) -> None:
         for _ in range(n):
             off = rnd.randrange(0, len(data) // 4096) * 4096
             assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: str) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                       capture_output=True, text=True, check=True)
+    return int(r.stdout.strip())
+
+
+def test_entering_passthrough_pages_the_image_in(mounts):
+    """The page cache of an idle image gets holes (reclaim; on this machine DAMON's
+    proactive pageout takes pages idle for seconds), and a passthrough reader would
+    pay a small synchronous disk read per hole. Entering passthrough mode asks the
+    kernel to read the missing pages at once, before any read."""
+    m, f, data = with_image(mounts, 8 * MiB)
+    (image,) = glob.glob(os.path.join(m.cache_dir, "*", "images", "*"))
+    fd = os.open(image, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as reclaim would
+    os.close(fd)
+    assert resident_bytes(image) < MiB
+    before = m.stats()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        poll(lambda: resident_bytes(image) == len(data))  # no read has happened
+        after = m.stats()
+        assert delta(before, after, "passthrough_opens") == 1
+        assert delta(before, after, "passthrough_page_ins") == 1
+        assert os.pread(fd, 4096, 5 * MiB) == data[5 * MiB:5 * MiB + 4096]
     finally:
         os.close(fd)
 

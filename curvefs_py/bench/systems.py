@@ -255,7 +255,10 @@ class Curvefs(System):
         return curvefs_argv("umount", str(self.mountpoint))
 
     def stats_argv(self) -> Optional[list[str]]:
-        return curvefs_argv("stats", str(self.mountpoint), "--json")
+        # every read of the counters keeps the kernel observers attached for an hour:
+        # the jobs' kernel hit rates come from deltas around each job
+        return curvefs_argv("stats", str(self.mountpoint), "--json", "--interval", "0",
+                            "--observe", "3600")
 
     _bpf_seen: Optional[bool] = None
 

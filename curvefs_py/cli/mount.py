@@ -34,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--image-cache-size", default=None, help="disk space for file images (default: --cache-size)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
+    p.add_argument("--kernel-observe", choices=("on-demand", "always"), default="on-demand",
+                   help="when the per-read and per-stat eBPF observers (kernel read calls, stat calls) are "
+                        "attached: while `curvefs stats` runs (default; they cost every read ~250 ns and "
+                        "every system call on the host ~70 ns), or always")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
     p.set_defaults(func=run)
@@ -57,7 +61,7 @@ def _options(args) -> MountOptions:
         no_bpf=args.no_bpf, max_uploads=args.max_uploads, readahead=parse_size(args.readahead),
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
-        extra={"compact_threshold": args.compact_threshold,
+        extra={"compact_threshold": args.compact_threshold, "kernel_observe": args.kernel_observe,
                "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
                "image_cache_size": parse_size(args.image_cache_size or args.cache_size)})
 

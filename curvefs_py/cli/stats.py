@@ -2,8 +2,11 @@
 
 Reads ``MOUNTPOINT/.stats`` (the daemon's counters plus its BPF maps) and
 ``.config`` — never the BPF maps themselves, so it needs no root (DESIGN §6).
-Each refresh prints one line of per-interval numbers; ``--json`` prints one
-cumulative snapshot with the same numbers; ``--top N`` lists the busiest files.
+Each refresh prints one line of per-interval numbers; ``--json`` prints the same
+numbers for one interval, and the cumulative counters; ``--top N`` lists the
+busiest files.  While it runs it keeps the daemon's per-read and per-stat kernel
+observers attached (``.control`` ``observe``; with ``mount --kernel-observe
+on-demand``, the default, they are detached otherwise).
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=0, metavar="N", help="list the N busiest files")
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval in seconds (default 1)")
     p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default: run until Ctrl-C)")
+    p.add_argument("--observe", type=float, default=None, metavar="SECONDS",
+                   help="keep the kernel read/stat observers attached this long after each refresh "
+                        "(default: 5 intervals, at least 10 s)")
     p.set_defaults(func=run)
 
 
@@ -217,16 +223,54 @@ def _line(dt: float, delta: Dict[str, float]) -> str:
             f"{_num((pt['opens'] + pt['direct_opens']) / dt):>5} {_num(pt['image_builds'] / dt):>3}")
 
 
+#: counters that are levels, not sums: a window shows their current value
+GAUGES = ("kernel_bpf_available", "kernel_observing", "kernel_pages_resident", "image_bytes",
+          "image_files")
+
+
+def window(prev: Dict[str, float], cur: Dict[str, float]) -> Dict[str, float]:
+    """The counters of the interval between two snapshots (gauges: their current value)."""
+    d = {k: v - prev.get(k, 0) for k, v in cur.items()}
+    d.update({k: cur[k] for k in GAUGES if k in cur})
+    return d
+
+
+def observe(mp: str, seconds: float) -> None:
+    """Ask the daemon to keep its per-read and per-stat kernel observers attached for
+    ``seconds`` (mounted with ``--kernel-observe on-demand`` they are off otherwise)."""
+    try:
+        fd = os.open(os.path.join(mp, ".control"), os.O_RDWR)
+        try:
+            os.write(fd, json.dumps({"cmd": "observe", "seconds": seconds}).encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # an older daemon, or no BPF: the kernel columns say so
+
+
 def run(args) -> int:
     mp = os.path.abspath(args.mountpoint)
     counters, inodes, names = read_stats(mp)
     cfg = read_config(mp)
     bpf = cfg.get("kernel_bpf", {})
+    lease = args.observe if args.observe is not None else max(10.0, 5 * args.interval)
+    observe(mp, lease)
     if args.json:
-        out = {"mountpoint": mp, "time": counters.get("time_unix_s"),
+        # kernel read and stat calls are counted while observed: rates come from
+        # one interval observed from its start (cumulative counters alongside);
+        # --interval 0: no wait, rates from the cumulative counters (a caller that
+        # keeps the observers attached itself, with --observe, takes its own deltas)
+        t0 = time.monotonic()
+        if args.interval > 0:
+            time.sleep(args.interval)
+            cur, inodes, names = read_stats(mp)
+        else:
+            cur, counters = counters, {}
+        out = {"mountpoint": mp, "time": cur.get("time_unix_s"),
                "kernel_bpf": bpf, "kernel_push": cfg.get("kernel_push", {}),
                "kernel_passthrough": cfg.get("kernel_passthrough", {}),
-               "derived": derive(counters), "counters": counters,
+               "interval_s": round(time.monotonic() - t0, 3),
+               "derived": derive(window(counters, cur)), "counters": cur,
                "top_files": top_files(inodes, names, args.top or 20)}
         json.dump(out, sys.stdout, indent=1, sort_keys=True)
         print()
@@ -243,11 +287,10 @@ def run(args) -> int:
     try:
         while not args.count or n < args.count:
             time.sleep(args.interval)
+            observe(mp, lease)
             cur, inodes, names = read_stats(mp)
             now = time.monotonic()
-            delta = {k: v - prev.get(k, 0) for k, v in cur.items()}
-            delta["kernel_bpf_available"] = cur.get("kernel_bpf_available", 0)
-            print(_line(max(now - t_prev, 1e-6), delta), flush=True)
+            print(_line(max(now - t_prev, 1e-6), window(prev, cur)), flush=True)
             if args.top:
                 print(f"  {'ino':>10} {'kernel reads':>12} {'daemon':>8} {'hit':>5} {'resident':>9}  name")
                 for r in top_files(inodes, names, args.top):

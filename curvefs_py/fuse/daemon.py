@@ -191,6 +191,7 @@ async def _load_bpf(vfs, mp: str) -> None:
 
         vfs.pusher.resident_bytes = resident
         log.info("eBPF counters loaded for %s", mp)
+        await vfs.follow_observers()
     else:
         metrics.set_gauge("kernel_bpf_available", 0)
         log.info("eBPF counters unavailable: %s", probe.reason)

@@ -57,6 +57,17 @@ PROGRAMS: Dict[str, tuple[str, ...]] = {
                         for d in ("enter", "exit")),
 }
 
+#: the observers: tracepoints that fire on every buffered read call, or -- any syscall
+#: tracepoint switches every task on the machine to the slow system-call path -- on
+#: every system call. Measured here (benchmarks/bpf_overhead.py): ~250 ns per read
+#: and ~70 ns per system call. They feed only ``kernel_read_*`` and ``kernel_stat_*``,
+#: so they are attached while somebody observes (``KernelProbe.observe``); the rest
+#: (FUSE requests, page-cache residency, which the pusher steers by) stays attached.
+OBSERVERS: Dict[str, tuple[str, ...]] = {
+    "page_cache": ("filemap/mm_filemap_get_pages",),
+    "stat_calls": PROGRAMS["stat_calls"],
+}
+
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 #: per-opcode counters always present in snapshots (hit rates need their zeros)
@@ -94,6 +105,9 @@ class KernelProbe:
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._closed = False
+        self.observing = True                    # BCC attaches everything at load
+        self._observed_s = 0.0                   # observer-attached seconds before _since
+        self._since = time.monotonic()
 
     # -- state ----------------------------------------------------------------
     @property
@@ -125,6 +139,38 @@ class KernelProbe:
     def _table(self, program: str, name: str):
         b = self.loaded.get(program)
         return None if b is None else b[name.encode()]
+
+    def observe(self, on: bool) -> bool:
+        """Attach (``on``) or detach the observers (``OBSERVERS``); blocking, cheap
+        (no compiling). Returns whether they are attached now. While detached,
+        ``kernel_read_*`` and ``kernel_stat_*`` do not grow."""
+        with self._lock:
+            if self._closed or on == self.observing:
+                return self.observing and not self._closed
+            for program, tps in OBSERVERS.items():
+                b = self.loaded.get(program)
+                for tp in tps if b is not None else ():
+                    cat, name = tp.split("/")
+                    try:
+                        if on:
+                            b.attach_tracepoint(tp=f"{cat}:{name}".encode(),
+                                                fn_name=f"tracepoint__{cat}__{name}".encode())
+                        else:
+                            b.detach_tracepoint(f"{cat}:{name}".encode())
+                    except Exception as exc:  # counters stop; the mount does not
+                        log.warning("%s %s: %s", "attaching" if on else "detaching", tp, exc)
+            now = time.monotonic()
+            if self.observing:
+                self._observed_s += now - self._since
+            self._since = now
+            self.observing = on
+            return on
+
+    def observed_seconds(self) -> float:
+        """Seconds the observers were attached since load."""
+        with self._lock:
+            extra = time.monotonic() - self._since if self.observing and not self._closed else 0.0
+            return self._observed_s + extra
 
     # -- writers --------------------------------------------------------------
     def map_backing(self, st_dev: int, st_ino: int, ino: int) -> None:
@@ -159,11 +205,17 @@ class KernelProbe:
         kernel_pages_resident                 pages of this mount in the page cache
         kernel_pages_added, kernel_pages_deleted, kernel_pages_deleted_untracked
         kernel_stat_calls (+ _<syscall>)      successful stat-family calls on this mount
+        kernel_observing, kernel_observed_s   whether the observers (kernel_read_*,
+                                              kernel_stat_*) are attached; for how long
         """
         out: Dict[str, float] = {"kernel_bpf_available": 1.0 if self.available else 0.0}
+        observed = self.observed_seconds()
         with self._lock:
             if self._closed:
                 return out
+            if self.loaded:
+                out["kernel_observing"] = 1.0 if self.observing else 0.0
+                out["kernel_observed_s"] = observed
             t = self._table("fuse_req", "op_stats")
             if t is not None:
                 ops = maps.read_op_stats(t)

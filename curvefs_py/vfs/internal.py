@@ -14,7 +14,9 @@ current state, never the page cache.
   ``{"cmd": "warmup", "inodes": [..], "kernel": true}``, and then reads
   (``pread(fd, n, 0)``) a JSON status line as many times as it likes until
   ``"done": true``.  The request runs in the daemon's nursery and goes on if
-  the client goes away.
+  the client goes away. ``{"cmd": "observe", "seconds": N}`` keeps the kernel
+  observers (per-read and per-stat BPF counters) attached for N more seconds;
+  ``curvefs stats`` sends it on every refresh.
 """
 from __future__ import annotations
 
@@ -89,6 +91,14 @@ class InternalFiles:
             cmd = req["cmd"]
         except (ValueError, KeyError, UnicodeDecodeError):
             raise FsError(errno.EINVAL, "bad control request") from None
+        if cmd == "observe":  # curvefs stats: keep the kernel observers attached
+            try:
+                seconds = float(req.get("seconds", 10))
+            except (TypeError, ValueError):
+                raise FsError(errno.EINVAL, "observe: seconds must be a number") from None
+            ok = await vfs.observe(seconds)
+            self._status[h.fh] = {"cmd": cmd, "observing": ok, "done": True}
+            return len(data)
         if cmd != "warmup":
             raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")
         inos = [int(i) for i in req.get("inodes", [])]

@@ -269,6 +269,15 @@ def _unlink(path: str) -> None:
         pass
 
 
+def willneed(path: str) -> None:
+    """Blocking. Start reading a file into the page cache (asynchronous readahead)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def _open_stat(path: str):
     fd = os.open(path, os.O_RDWR)
     return fd, os.fstat(fd)
@@ -299,6 +308,8 @@ class Passthrough:
         self.modes: Dict[int, Mode] = {}
         #: set by the VFS when the BPF probe is loaded: map(image dev, image ino, mount ino)
         self.map: Optional[Callable[[int, int, int], None]] = None
+        #: set by the VFS: where the background page-in of an image runs
+        self.nursery: Optional[trio.Nursery] = None
 
     @property
     def available(self) -> bool:
@@ -347,6 +358,20 @@ class Passthrough:
             await self._retire(Mode(bid, fd, path, attr.data_version))
             return
         self.modes[ino] = Mode(bid, fd, path, attr.data_version)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._page_in, path, name=f"page-in {ino}")
+
+    async def _page_in(self, path: str) -> None:
+        """Ask the kernel to read the image's missing pages now, in large I/Os and
+        ahead of the reader. The page cache of an idle image does not stay whole:
+        reclaim (on this machine also DAMON's proactive pageout of pages idle for
+        seconds) leaves holes, and each hole would cost the passthrough reader a
+        small synchronous disk read. Resident pages cost a lookup each."""
+        try:
+            await threads.run_blocking(willneed, path, limiter=threads.DISK)
+            metrics.inc("passthrough_page_ins")
+        except OSError as exc:  # evicted or unlinked meanwhile: the reader reads what is there
+            log.debug("page-in of %s: %s", path, exc)
 
     def attach(self, attr: "Attr", flags: int, open_here: int) -> Optional[tuple[int, bool]]:
         """Synchronous, right before the OPEN reply: (backing id, direct_io) when

@@ -26,7 +26,7 @@ from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
 from .internal import CONTROL_INO, NAMES as INTERNAL_NAMES, InternalFiles, is_internal
-from .passthrough import Images, KernelBacking, Passthrough
+from .passthrough import Images, KernelBacking, Passthrough, willneed
 from .pusher import Pusher
 from .reader import Reader
 from .writer import Writers
@@ -88,6 +88,8 @@ class VFS:
         self.inode_reads: Dict[int, int] = {}
         self.names: Dict[int, bytes] = {}
         self.kernel_probe = None  # set by the daemon when the BPF probes loaded
+        self._observe_until = 0.0  # trio clock: the observers' lease (observe())
+        self._observe_lock = trio.Lock()  # one attach/detach at a time
         #: changes made here, published to other clients by ``_publisher``
         self._changes: list = []
         self._changes_kick = trio.Event()
@@ -165,10 +167,35 @@ class VFS:
         self._nursery = nursery
         self.writers.nursery = nursery
         self.pusher.nursery = nursery
+        self.passthrough.nursery = nursery
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
         nursery.start_soon(self._publisher, name="change-publisher")
+
+    async def observe(self, seconds: float) -> bool:
+        """Keep the kernel observers (per-read, per-stat BPF counters) attached for
+        ``seconds`` more: ``curvefs stats`` asks on every refresh. False without BPF."""
+        probe = self.kernel_probe
+        if probe is None or not probe.available:
+            return False
+        self._observe_until = max(self._observe_until, trio.current_time() + min(max(seconds, 0), 3600))
+        async with self._observe_lock:  # after a detach in flight, not during it
+            if not probe.observing:
+                await threads.run_blocking(probe.observe, True, limiter=threads.DISK)
+        return True
+
+    async def follow_observers(self) -> None:
+        """With ``--kernel-observe on-demand``, detach the observers whenever nobody
+        asked for them within their lease (checked every second); runs until unmount."""
+        probe = self.kernel_probe
+        if probe is None or self.options.get("kernel_observe", "on-demand") == "always":
+            return
+        while True:
+            async with self._observe_lock:
+                if probe.observing and trio.current_time() >= self._observe_until:
+                    await threads.run_blocking(probe.observe, False, limiter=threads.DISK)
+            await trio.sleep(1.0)
 
     async def close(self) -> None:
         """Flush every writer and run the deleter once (unmount path). A metadata
@@ -617,7 +644,7 @@ class VFS:
                 if await self._build_image(attr):
                     path = self.images.lookup(attr)
                     if path:
-                        await threads.run_blocking(_willneed, path, limiter=threads.DISK)
+                        await threads.run_blocking(willneed, path, limiter=threads.DISK)
                     progress(1, 0)
                     continue
             if self.kernel_versions.get(ino) != attr.data_version:
@@ -705,11 +732,3 @@ class VFS:
             bits = attr.mode & 7
         return (mode & bits) == mode
 
-
-def _willneed(path: str) -> None:
-    """Start reading a file into the page cache (warmup of an image)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
