@@ -36,8 +36,8 @@ def register(sub) -> None:
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--kernel-observe", choices=("on-demand", "always"), default="on-demand",
                    help="when the per-read and per-stat eBPF observers (kernel read calls, stat calls) are "
-                        "attached: while `curvefs stats` runs (default; they cost every read ~250 ns and "
-                        "every system call on the host ~70 ns), or always")
+                        "attached: while `curvefs stats` runs (default; they cost every read ~280 ns and "
+                        "every system call on the host ~80 ns), or always")
     p.add_argument("--log", dest="log_file", default=None, help="log file (default: stderr; /var/log/curvefs.log with -d)")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse_suppress())
     p.set_defaults(func=run)

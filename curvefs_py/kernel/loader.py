@@ -59,8 +59,8 @@ PROGRAMS: Dict[str, tuple[str, ...]] = {
 
 #: the observers: tracepoints that fire on every buffered read call, or -- any syscall
 #: tracepoint switches every task on the machine to the slow system-call path -- on
-#: every system call. Measured here (benchmarks/bpf_overhead.py): ~250 ns per read
-#: and ~70 ns per system call. They feed only ``kernel_read_*`` and ``kernel_stat_*``,
+#: every system call. Measured here (benchmarks/bpf_overhead.py): ~280 ns per read
+#: and ~80 ns per system call. They feed only ``kernel_read_*`` and ``kernel_stat_*``,
 #: so they are attached while somebody observes (``KernelProbe.observe``); the rest
 #: (FUSE requests, page-cache residency, which the pusher steers by) stays attached.
 OBSERVERS: Dict[str, tuple[str, ...]] = {
