@@ -278,9 +278,20 @@ def willneed(path: str) -> None:
         os.close(fd)
 
 
-def _open_stat(path: str):
+def _open_paged_in(path: str):
+    """Open an image for the kernel, and ask the kernel to read its missing pages
+    now (asynchronous readahead, issued before the OPEN reply, so before the first
+    read). The page cache of an idle image does not stay whole: reclaim (on this
+    machine also DAMON's proactive pageout of pages idle for seconds) leaves holes,
+    and each would cost the passthrough reader a small synchronous disk read.
+    Resident pages cost little: under 1 ms for a whole 1 GiB image."""
     fd = os.open(path, os.O_RDWR)
-    return fd, os.fstat(fd)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return fd, os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
 
 
 def _close_unlink(fd: int, path: str) -> None:
@@ -308,8 +319,6 @@ class Passthrough:
         self.modes: Dict[int, Mode] = {}
         #: set by the VFS when the BPF probe is loaded: map(image dev, image ino, mount ino)
         self.map: Optional[Callable[[int, int, int], None]] = None
-        #: set by the VFS: where the background page-in of an image runs
-        self.nursery: Optional[trio.Nursery] = None
 
     @property
     def available(self) -> bool:
@@ -337,9 +346,10 @@ class Passthrough:
             metrics.inc("passthrough_skipped_no_image")
             return
         try:
-            fd, st = await threads.run_blocking(_open_stat, path, limiter=threads.DISK)
+            fd, st = await threads.run_blocking(_open_paged_in, path, limiter=threads.DISK)
         except OSError:  # evicted meanwhile
             return
+        metrics.inc("passthrough_page_ins")
         name = os.path.basename(path)
         if self.map is not None and name not in self.images.mapped:
             try:
@@ -358,20 +368,6 @@ class Passthrough:
             await self._retire(Mode(bid, fd, path, attr.data_version))
             return
         self.modes[ino] = Mode(bid, fd, path, attr.data_version)
-        if self.nursery is not None:
-            self.nursery.start_soon(self._page_in, path, name=f"page-in {ino}")
-
-    async def _page_in(self, path: str) -> None:
-        """Ask the kernel to read the image's missing pages now, in large I/Os and
-        ahead of the reader. The page cache of an idle image does not stay whole:
-        reclaim (on this machine also DAMON's proactive pageout of pages idle for
-        seconds) leaves holes, and each hole would cost the passthrough reader a
-        small synchronous disk read. Resident pages cost a lookup each."""
-        try:
-            await threads.run_blocking(willneed, path, limiter=threads.DISK)
-            metrics.inc("passthrough_page_ins")
-        except OSError as exc:  # evicted or unlinked meanwhile: the reader reads what is there
-            log.debug("page-in of %s: %s", path, exc)
 
     def attach(self, attr: "Attr", flags: int, open_here: int) -> Optional[tuple[int, bool]]:
         """Synchronous, right before the OPEN reply: (backing id, direct_io) when

@@ -167,7 +167,6 @@ class VFS:
         self._nursery = nursery
         self.writers.nursery = nursery
         self.pusher.nursery = nursery
-        self.passthrough.nursery = nursery
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
