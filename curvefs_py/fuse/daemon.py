@@ -165,6 +165,11 @@ def serve(opts: MountOptions) -> int:
         finally:
             engine.close()
             store.close()
+        if not opts.no_bpf:  # unmounted within seconds of mounting: a compile may still run
+            from ..kernel.loader import wait_for_loads
+
+            if not wait_for_loads(60):
+                log.warning("exiting while the BPF programs still compile")
         log.info("unmounted %s", mp)
     return 0
 

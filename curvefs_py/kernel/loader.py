@@ -425,11 +425,18 @@ async def load_async(mountpoint_or_dev, *, timeout: float = 60.0, **kwargs) -> K
     state = {"abandoned": False}
 
     def run() -> KernelProbe:
-        p = load(mountpoint_or_dev, **kwargs)
-        with lock:
-            if state["abandoned"]:
-                p.close()
-        return p
+        with _loads:
+            _loads.running += 1
+        try:
+            p = load(mountpoint_or_dev, **kwargs)
+            with lock:
+                if state["abandoned"]:
+                    p.close()
+            return p
+        finally:
+            with _loads:
+                _loads.running -= 1
+                _loads.notify_all()
 
     probe = None
     try:
@@ -442,6 +449,22 @@ async def load_async(mountpoint_or_dev, *, timeout: float = 60.0, **kwargs) -> K
     if probe is None:
         probe = _fail(KernelProbe(), f"loading BPF timed out after {timeout:g}s")
     return probe
+
+
+class _Loads(threading.Condition):
+    running = 0
+
+
+#: loads running in worker threads (an abandoned one goes on until its compile returns)
+_loads = _Loads()
+
+
+def wait_for_loads(timeout: float) -> bool:
+    """Blocking. Wait until no load runs in a worker thread (True), at most ``timeout``
+    seconds. A process must not exit under a running compile: the interpreter's and
+    clang's exit-time teardown would race it (BCC prints "missing bcc/helpers.h")."""
+    with _loads:
+        return _loads.wait_for(lambda: _loads.running == 0, timeout)
 
 
 def _main(argv=None) -> int:
