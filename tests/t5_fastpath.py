@@ -217,7 +217,7 @@ def test_kernel_observers_attach_on_demand(mounts):
             return {k: delta(before, m.stats(), k) for k in ("kernel_read_calls", "kernel_stat_calls")}
 
         assert workload() == {"kernel_read_calls": 0, "kernel_stat_calls": 0}
-        m.observe(2)
+        m.observe(5)  # the lease outlasts the workload, then runs out
         assert workload() == {"kernel_read_calls": 53, "kernel_stat_calls": 53}
         poll(lambda: m.stats().get("kernel_observing") == 0)  # the lease ran out
         assert workload() == {"kernel_read_calls": 0, "kernel_stat_calls": 0}
