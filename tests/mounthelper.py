@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from curvefs_py.fuse.mountinfo import is_mounted
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "curvefs_py.cli.main"]
 
@@ -34,11 +36,6 @@ def read_cold(path: str) -> bytes:
             out += b
     finally:
         os.close(fd)
-
-
-def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
 
 
 @dataclass

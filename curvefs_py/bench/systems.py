@@ -22,22 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..fuse.mountinfo import is_mounted
 from .netenv import kill_process_group
 from .suite import NotSupported, StatsReader, Target, drop_kernel_caches
-
-
-def is_mounted(path: Path) -> bool:
-    """From /proc/self/mountinfo (never stats the mount: a hung FUSE mount would block)."""
-    p = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mp = line.split()[4].encode().decode("unicode_escape")
-                if mp == p:
-                    return True
-    except OSError:
-        pass
-    return False
 
 
 def force_unmount(path: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import subprocess
 import time
 
 from ..errors import QuietError
+from ..fuse.mountinfo import mount_point
 
 
 def register(sub) -> None:
@@ -36,25 +36,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _mounted(mp: str) -> bool:
-    """Whether ``mp`` is a mount point, from mountinfo: no call into the file system
-    (a stat would wait for, or fail with, a daemon that cannot reach its metadata)."""
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == mp for line in f)
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def run(args) -> int:
     mp = os.path.abspath(args.mountpoint)
-    if not _mounted(mp):  # mountinfo has the real path (resolving mp itself would stat it)
-        mp = os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
-    if not _mounted(mp):
+    found = mount_point(mp)  # from mountinfo: a stat could hang or fail on the mount
+    if found is None:
         if not os.path.lexists(mp):
             raise QuietError(f"{mp} does not exist", 6)
         raise QuietError(f"{mp} is not mounted", 6)
+    mp = found
     try:
         # OPENDIR reaches the daemon (a stat may come from the attr cache)
         os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))

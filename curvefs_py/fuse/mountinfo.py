@@ -1,0 +1,30 @@
+"""Mount points from ``/proc/self/mountinfo``, without a call into any mounted file
+system: a stat of a FUSE mount waits for its daemon (forever, if it hangs) or fails
+when the daemon cannot answer (ENOTCONN after a crash, EIO while its metadata is
+unreachable), and the callers here must decide exactly those cases."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Union
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_point(path: Union[str, os.PathLike]) -> Optional[str]:
+    """``path`` as mountinfo spells it if it is a mount point, else None. Only the
+    parent directory is resolved (symlinks), never the mount point itself."""
+    p = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = {_unescape(line.split()[4]) for line in f}
+    if p in points:
+        return p
+    real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return real if real in points else None
+
+
+def is_mounted(path: Union[str, os.PathLike]) -> bool:
+    return mount_point(path) is not None
