@@ -62,10 +62,10 @@ def read_until_image(m, path: str, builds: int = 1, tries: int = 3) -> None:
     raise AssertionError(f"no image built after {tries} reads: {m.stats()}")
 
 
-def with_image(mounts, size: int, seed: int = 1):
-    """A file volume mounted with passthrough on, and a file of ``size`` bytes
-    read once so that its image exists: (mount, path, data)."""
-    m = mounts.mount(mounts.format("file"))
+def with_image(mounts, size: int, *options: str, seed: int = 1):
+    """A file volume mounted with passthrough on (and ``options``), and a file of
+    ``size`` bytes read once so that its image exists: (mount, path, data)."""
+    m = mounts.mount(mounts.format("file"), *options)
     wait_passthrough(m)
     f = os.path.join(m.path, "f")
     data = make_file(f, size, seed=seed)
@@ -92,12 +92,38 @@ def resident_bytes(path: str) -> int:
     return int(r.stdout.strip())
 
 
+def held_images(m) -> dict[str, int]:
+    """{image path: bytes of it mapped and resident} for the images the daemon maps."""
+    held, path = {}, None
+    with open(f"/proc/{m.proc.pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 6 and "/images/" in line:
+                path = fields[5]
+            elif "-" in fields[0]:
+                path = None
+            elif path and fields[0] == "Rss:":
+                held[path] = held.get(path, 0) + int(fields[1]) * 1024
+    return held
+
+
+def image_of(m) -> list[str]:
+    return sorted(glob.glob(os.path.join(m.cache_dir, "*", "images", "*")))
+
+
+def image_for(m, path: str) -> str:
+    """The image of the file at ``path`` (named ``<ino>-<version>-<length>``)."""
+    (image,) = glob.glob(os.path.join(m.cache_dir, "*", "images", f"{os.stat(path).st_ino}-*"))
+    return image
+
+
 def test_entering_passthrough_pages_the_image_in(mounts):
     """The page cache of an idle image gets holes (reclaim; on this machine DAMON's
     proactive pageout takes pages idle for seconds), and a passthrough reader would
     pay a small synchronous disk read per hole. Entering passthrough mode asks the
-    kernel to read the missing pages at once, before any read."""
-    m, f, data = with_image(mounts, 8 * MiB)
+    kernel to read the missing pages at once, before any read. (Without holds: a
+    held image's pages are mapped, and DONTNEED leaves those.)"""
+    m, f, data = with_image(mounts, 8 * MiB, "--image-hold", "0")
     (image,) = glob.glob(os.path.join(m.cache_dir, "*", "images", "*"))
     fd = os.open(image, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as reclaim would
@@ -113,6 +139,69 @@ def test_entering_passthrough_pages_the_image_in(mounts):
         assert os.pread(fd, 4096, 5 * MiB) == data[5 * MiB:5 * MiB + 4096]
     finally:
         os.close(fd)
+
+
+def test_recent_images_stay_mapped_so_idle_reclaim_leaves_them(mounts):
+    """A held image is mapped in the daemon, so reclaim of unmapped page cache leaves
+    it whole (DONTNEED drops exactly the unmapped pages; DAMON pageout schemes
+    filtered to unmapped pages, as on this machine, do the same after seconds idle).
+    Deleting the file ends its hold before the unlink: no mapping keeps its blocks."""
+    m, f, data = with_image(mounts, 8 * MiB)
+    (image,) = image_of(m)
+    poll(lambda: held_images(m).get(image) == len(data))
+    assert m.stats()["image_held_bytes"] == len(data)
+    fd = os.open(image, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert resident_bytes(image) == len(data)
+    os.unlink(f)
+    poll(lambda: not image_of(m))
+    assert held_images(m) == {}
+    with open(f"/proc/{m.proc.pid}/maps") as maps:
+        assert "(deleted)" not in maps.read()
+    poll(lambda: m.stats()["image_held_bytes"] == 0)
+
+
+def test_image_holds_are_lru_within_the_limit(mounts):
+    """--image-hold bounds the bytes held: a newer image ends the oldest hold, and an
+    open takes the hold back (for the image the kernel reads from now); 0 holds nothing."""
+    m, a, data_a = with_image(mounts, 8 * MiB, "--image-hold", "12M")
+    b = os.path.join(m.path, "b")
+    make_file(b, 8 * MiB, seed=2)
+    read_until_image(m, b, builds=2)
+    img_a, img_b = (image_for(m, p) for p in (a, b))
+    poll(lambda: set(held_images(m)) == {img_b})
+    with open(a, "rb") as fh:  # passthrough: reads never reach the daemon
+        poll(lambda: set(held_images(m)) == {img_a})
+        assert fh.read() == data_a
+    assert m.stats()["image_held_bytes"] == 8 * MiB
+    m2, f2, data2 = with_image(mounts, 8 * MiB, "--image-hold", "0")
+    assert open(f2, "rb").read() == data2
+    assert held_images(m2) == {}
+
+
+def test_holds_survive_a_remount_as_far_as_resident(mounts):
+    """A new daemon holds again the images still in the page cache (without reading
+    the disk for them), so a remount does not leave them to idle reclaim; an image
+    the page cache lost is held, whole, at its next open."""
+    m, a, data_a = with_image(mounts, 8 * MiB)
+    b = os.path.join(m.path, "b")
+    data_b = make_file(b, 4 * MiB, seed=2)
+    read_until_image(m, b, builds=2)
+    img_a, img_b = image_for(m, a), image_for(m, b)
+    poll(lambda: held_images(m) == {img_a: 8 * MiB, img_b: 4 * MiB})
+    m.stop()
+    fd = os.open(img_b, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # unmapped now: dropped
+    os.close(fd)
+    assert resident_bytes(img_b) == 0
+    m.start()
+    wait_passthrough(m)
+    poll(lambda: held_images(m) == {img_a: 8 * MiB})
+    assert resident_bytes(img_b) == 0  # not read for the hold
+    with open(b, "rb") as fh:
+        poll(lambda: held_images(m) == {img_a: 8 * MiB, img_b: 4 * MiB})
+        assert fh.read() == data_b
 
 
 def test_second_open_is_read_by_the_kernel(mounts):

@@ -32,6 +32,11 @@ def register(sub) -> None:
     p.add_argument("--passthrough-max", default="4G", help="files up to this size get a whole-file image in the disk cache, assembled from cached blocks, and reads of them are served by the kernel from it (FUSE passthrough, Linux >= 6.9; default 4G; 0: off)")
     p.add_argument("--no-passthrough", action="store_true", help="same as --passthrough-max 0")
     p.add_argument("--image-cache-size", default=None, help="disk space for file images (default: --cache-size)")
+    p.add_argument("--image-hold", default=None,
+                   help="bytes of the most recently used file images the daemon keeps mapped, so that "
+                        "proactive reclaim of idle page cache (DAMON pageout filtered to unmapped pages) leaves them "
+                        "resident; the kernel still reclaims them under memory pressure "
+                        "(default: a quarter of RAM, at most --image-cache-size; 0: off)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--kernel-observe", choices=("on-demand", "always"), default="on-demand",
@@ -63,7 +68,8 @@ def _options(args) -> MountOptions:
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
         extra={"compact_threshold": args.compact_threshold, "kernel_observe": args.kernel_observe,
                "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
-               "image_cache_size": parse_size(args.image_cache_size or args.cache_size)})
+               "image_cache_size": parse_size(args.image_cache_size or args.cache_size),
+               **({} if args.image_hold is None else {"image_hold": parse_size(args.image_hold)})})
 
 
 def run(args) -> int:

@@ -160,6 +160,7 @@ def derive(c: Dict[str, float]) -> Dict[str, object]:
                         "image_builds": g("image_builds", 0),
                         "image_built_bytes": g("image_built_bytes", 0),
                         "image_bytes": g("image_bytes", 0),
+                        "image_held_bytes": g("image_held_bytes", 0),
                         "mirrored_bytes": g("passthrough_mirrored_bytes", 0)}
     return d
 
@@ -225,7 +226,7 @@ def _line(dt: float, delta: Dict[str, float]) -> str:
 
 #: counters that are levels, not sums: a window shows their current value
 GAUGES = ("kernel_bpf_available", "kernel_observing", "kernel_pages_resident", "image_bytes",
-          "image_files")
+          "image_files", "image_held_bytes", "image_held_files")
 
 
 def window(prev: Dict[str, float], cur: Dict[str, float]) -> Dict[str, float]:

@@ -26,7 +26,7 @@ from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
 from .handles import Handles
 from .internal import CONTROL_INO, NAMES as INTERNAL_NAMES, InternalFiles, is_internal
-from .passthrough import Images, KernelBacking, Passthrough, willneed
+from .passthrough import Images, KernelBacking, Passthrough, default_hold_limit, willneed
 from .pusher import Pusher
 from .reader import Reader
 from .writer import Writers
@@ -79,8 +79,10 @@ class VFS:
                              budget=int(self.options.get("kernel_cache_budget", 1 << 30)),
                              push_whole_max=int(self.options.get("push_whole_max", 128 << 20)),
                              resident_bytes=self.options.get("resident_bytes"))
-        self.images = Images(chunks.cache.root, int(self.options.get("image_cache_size", 10 << 30)),
-                             int(self.options.get("passthrough_max", 4 << 30)))
+        image_cache = int(self.options.get("image_cache_size", 10 << 30))
+        hold = self.options.get("image_hold")
+        self.images = Images(chunks.cache.root, image_cache, int(self.options.get("passthrough_max", 4 << 30)),
+                             default_hold_limit(image_cache) if hold is None else int(hold))
         self.passthrough = Passthrough(backing, self.images)
         self.pusher.blocked = lambda ino: (self.handles.is_writable(ino) or self.writers.get(ino) is not None
                                            or ino in self.passthrough.modes)
@@ -167,6 +169,7 @@ class VFS:
         self._nursery = nursery
         self.writers.nursery = nursery
         self.pusher.nursery = nursery
+        self.passthrough.nursery = nursery
         nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
