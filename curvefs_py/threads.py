@@ -20,8 +20,9 @@ DISK = "disk"
 PUSH = "push"
 FEED = "feed"  # the change-feed waiter (one blocking wait at a time)
 INVAL = "inval"  # kernel invalidations (may wait for a pending request)
+HOLD = "hold"  # mapping images in (may read a whole image from the disk)
 
-_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 4, FEED: 1, INVAL: 2}
+_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 4, FEED: 1, INVAL: 2, HOLD: 2}
 _limiters: Dict[str, trio.CapacityLimiter] = {}
 
 

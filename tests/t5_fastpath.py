@@ -260,7 +260,8 @@ def test_stats_json_has_every_field(mounts):
         assert key in d["object_store"]
     for key in ("pushed_bytes", "repushed_bytes"):
         assert key in d["pusher"]
-    for key in ("opens", "direct_opens", "image_builds", "image_bytes", "mirrored_bytes"):
+    for key in ("opens", "direct_opens", "image_builds", "image_bytes", "image_held_bytes", "image_held_files",
+                "image_hold_ends", "mirrored_bytes"):
         assert key in d["passthrough"]
     assert "enabled" in out["kernel_passthrough"]
     assert out["kernel_bpf"]["available"] is True

@@ -158,7 +158,7 @@ def test_recent_images_stay_mapped_so_idle_reclaim_leaves_them(mounts):
     poll(lambda: not image_of(m))
     assert held_images(m) == {}
     with open(f"/proc/{m.proc.pid}/maps") as maps:
-        assert "(deleted)" not in maps.read()
+        assert not [ln for ln in maps if "/images/" in ln]  # not even an unlinked one
     poll(lambda: m.stats()["image_held_bytes"] == 0)
 
 
@@ -176,8 +176,9 @@ def test_image_holds_are_lru_within_the_limit(mounts):
         assert fh.read() == data_a
     assert m.stats()["image_held_bytes"] == 8 * MiB
     m2, f2, data2 = with_image(mounts, 8 * MiB, "--image-hold", "0")
-    assert open(f2, "rb").read() == data2
-    assert held_images(m2) == {}
+    assert open(f2, "rb").read() == data2  # a passthrough open
+    assert held_images(m2) == {}  # a build is counted after its hold
+    assert m2.stats()["image_held_files"] == 0
 
 
 def test_holds_survive_a_remount_as_far_as_resident(mounts):
@@ -197,10 +198,11 @@ def test_holds_survive_a_remount_as_far_as_resident(mounts):
     assert resident_bytes(img_b) == 0
     m.start()
     wait_passthrough(m)
-    poll(lambda: held_images(m) == {img_a: 8 * MiB})
+    # img_a as far as it is still resident (idle reclaim may have taken some meanwhile)
+    poll(lambda: set(held_images(m)) == {img_a} and held_images(m)[img_a] == resident_bytes(img_a) > 0)
     assert resident_bytes(img_b) == 0  # not read for the hold
     with open(b, "rb") as fh:
-        poll(lambda: held_images(m) == {img_a: 8 * MiB, img_b: 4 * MiB})
+        poll(lambda: held_images(m).get(img_b) == 4 * MiB and img_a in held_images(m))
         assert fh.read() == data_b
 
 

@@ -161,6 +161,8 @@ def derive(c: Dict[str, float]) -> Dict[str, object]:
                         "image_built_bytes": g("image_built_bytes", 0),
                         "image_bytes": g("image_bytes", 0),
                         "image_held_bytes": g("image_held_bytes", 0),
+                        "image_held_files": g("image_held_files", 0),
+                        "image_hold_ends": g("image_hold_ends", 0),
                         "mirrored_bytes": g("passthrough_mirrored_bytes", 0)}
     return d
 

@@ -267,7 +267,7 @@ async def _passthrough_after_init(vfs) -> None:
         log.info("FUSE passthrough on: files up to %d bytes are served from images in %s",
                  vfs.images.max_file, vfs.images.dir)
         if vfs.images.hold_limit > 0:
-            held = await threads.run_blocking(vfs.images.hold_resident, limiter=threads.DISK)
+            held = await threads.run_blocking(vfs.images.hold_resident, limiter=threads.HOLD)
             log.info("holding %d image(s) still in the page cache", held)
     else:
         log.info("FUSE passthrough unavailable: %s", backing.reason)

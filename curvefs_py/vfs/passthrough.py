@@ -118,6 +118,7 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_POPULATE_STEP = 64 << 20  # between steps a populate sees whether its hold ended
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; Python's mmap.madvise would hold the GIL
 
@@ -138,12 +139,10 @@ class _Held:
             _raise_errno()
         return cls(addr, length)
 
-    def populate(self, start: int = 0, length: int = -1) -> None:
+    def populate(self, start: int, length: int) -> None:
         """Map pages (reading the missing ones: the call waits for the disk)."""
-        length = self.length - start if length < 0 else length
         if _libc.madvise(self.addr + start, length, _MADV_POPULATE_READ) != 0:
-            if ctypes.get_errno() != errno.EINVAL:  # EINVAL: a kernel without it (< 5.14)
-                _raise_errno()
+            _raise_errno()
 
     def resident(self) -> list[tuple[int, int]]:
         """The (offset, length) runs of pages now in the page cache (mincore)."""
@@ -155,7 +154,23 @@ class _Held:
                 for m in re.finditer(rb"[^\x00]+", bytes(vec))]
 
     def unmap(self) -> None:
-        _libc.munmap(self.addr, self.length)
+        if _libc.munmap(self.addr, self.length) != 0:
+            log.warning("munmap of a held image failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def _touch(path: str) -> None:
+    """The image's mtime records its last use: the LRU order of the next scan."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return -1
 
 
 def _raise_errno() -> None:
@@ -206,18 +221,20 @@ class Images:
                 except OSError:
                     continue
                 found.append((st.st_mtime, e.name, st.st_blocks * 512))
-        for _, name, size in sorted(found):
-            self._files[name] = size
-            self._bytes += size
+        with self._lock:
+            for _, name, size in sorted(found):
+                self._files[name] = size
+                self._bytes += size
         self._scanned = True
         self._gauges()
 
     def lookup(self, attr: "Attr") -> Optional[str]:
         """Non-blocking. The current image of the file, if there is one."""
         name = self.name(attr.ino, attr.data_version, attr.length)
-        if name not in self._files:
-            return None
-        self._files.move_to_end(name)
+        with self._lock:  # short: worker threads hold it for dict operations only
+            if name not in self._files:
+                return None
+            self._files.move_to_end(name)
         return os.path.join(self.dir, name)
 
     def forget(self, path: str, unmap: bool = True) -> None:
@@ -250,32 +267,34 @@ class Images:
 
     def hold(self, path: str, resident_only: bool = False) -> bool:
         """Blocking. Keep the image mapped (see the module's doc); the least
-        recently used holds end beyond ``hold_limit``.  ``resident_only``: map
-        only the pages now in the page cache (no disk reads), and not at all if
-        none is or the image does not fit beside the holds already taken (the
-        mount's pass over the images of earlier mounts).  False if not held."""
+        recently used holds end beyond ``hold_limit``.  ``resident_only`` (the
+        mount's pass over the images of earlier mounts, most recent first): map
+        only the pages now in the page cache (no disk reads), not at all if none
+        is or the image does not fit beside the holds already taken, and as less
+        recent than those.  False if not held."""
         name = os.path.basename(path)
         with self._lock:
             h = self._held.get(name)
             if h is not None:
                 self._held.move_to_end(name)
-                if h.whole or h.busy or resident_only:
+                if resident_only or h.busy or h.whole:
                     return True
                 h.busy = True  # held at mount with its resident pages only: now all of them
             elif self.hold_limit <= 0 or name not in self._files:
                 return False
         if h is not None:
+            _touch(path)
             return self._populate(name, h)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # forgotten meanwhile
             return False
         try:
-            length = os.fstat(fd).st_size
-            if not 0 < length <= self.hold_limit or (resident_only and self._held_bytes + length > self.hold_limit):
+            st = os.fstat(fd)
+            if not 0 < st.st_size <= self.hold_limit or \
+                    (resident_only and self._held_bytes + st.st_size > self.hold_limit):
                 return False
-            h = _Held.map(fd, length)
-            os.utime(fd)  # last use: the LRU order of the next mount's scan
+            h = _Held.map(fd, st.st_size)
         except OSError as exc:
             log.debug("image %s not held: %s", name, exc)
             return False
@@ -293,13 +312,17 @@ class Images:
                 return False
         ended = []
         with self._lock:
-            raced = name not in self._files or name in self._held  # forgotten, or held meanwhile
+            # forgotten, held by a racing call, or forgotten and built again (same
+            # name, another file: the one mapped here is unlinked)
+            raced = name not in self._files or name in self._held or _inode(path) != st.st_ino
             if raced:
                 h.busy = False
                 ended.append(h)
             else:
                 self._held[name] = h
-                self._held_bytes += length
+                self._held_bytes += h.length
+                if resident_only:
+                    self._held.move_to_end(name, last=False)
                 while self._held_bytes > self.hold_limit:
                     old = self._release(next(iter(self._held)))
                     if old is not None:
@@ -310,19 +333,26 @@ class Images:
         self._gauges()
         if raced:
             return name in self._held
+        if not resident_only:
+            _touch(path)
         return self._populate(name, h, runs)
 
     def _populate(self, name: str, h: _Held, runs: Optional[list[tuple[int, int]]] = None) -> bool:
-        """Populate a held mapping (busy), all of it or ``runs``; unmap it if its
-        hold ended meanwhile."""
+        """Populate a held (busy) mapping, all of it or ``runs``, in steps; stop
+        and unmap it if its hold ended meanwhile (its file may be unlinked)."""
+        ok = True
         try:
             for start, length in runs if runs is not None else [(0, h.length)]:
-                h.populate(start, length)
-        except OSError as exc:
+                for off in range(start, start + length, _POPULATE_STEP):
+                    if h.dead:
+                        break
+                    h.populate(off, min(_POPULATE_STEP, start + length - off))
+        except OSError as exc:  # EIO, ENOMEM, EFAULT (truncated): the next open retries
             log.debug("image %s: populate: %s", name, exc)
+            ok = False
         with self._lock:
             h.busy = False
-            h.whole = h.whole or runs is None
+            h.whole = h.whole or (ok and runs is None)
             dead = h.dead
         if dead:
             h.unmap()
@@ -363,7 +393,7 @@ class Images:
 
     def _drop_others(self, ino: int, keep: str) -> None:
         prefix = f"{ino}-"
-        for name in [n for n in self._files if n.startswith(prefix) and n != keep]:
+        for name in [n for n in list(self._files) if n.startswith(prefix) and n != keep]:
             self.forget(os.path.join(self.dir, name))
 
     @staticmethod
@@ -438,14 +468,15 @@ class Images:
             await threads.run_blocking(os.rename, tmp, final, limiter=threads.DISK)
             tmp = ""
             st = await threads.run_blocking(os.fstat, fd, limiter=threads.DISK)
-            self._files[name] = st.st_blocks * 512
-            self._bytes += st.st_blocks * 512
+            with self._lock:
+                self._files[name] = st.st_blocks * 512
+                self._bytes += st.st_blocks * 512
             await threads.run_blocking(self._drop_others, ino, name, limiter=threads.DISK)
             self._gauges()
-            metrics.inc("image_builds")
-            metrics.inc("image_built_bytes", length)
             # the file was just read to its end: the next open is likely soon
-            await threads.run_blocking(self.hold, final, limiter=threads.DISK)
+            await threads.run_blocking(self.hold, final, limiter=threads.HOLD)
+            metrics.inc("image_builds")  # after the hold: a build is done when counted
+            metrics.inc("image_built_bytes", length)
             return True
         except ObjectStoreError as exc:
             # a slice was replaced meanwhile (its blocks deleted by compaction or
@@ -578,7 +609,7 @@ class Passthrough:
             self.nursery.start_soon(self._hold, path, name=f"hold {ino}")
 
     async def _hold(self, path: str) -> None:
-        await threads.run_blocking(self.images.hold, path, limiter=threads.DISK)
+        await threads.run_blocking(self.images.hold, path, limiter=threads.HOLD)
 
     def attach(self, attr: "Attr", flags: int, open_here: int) -> Optional[tuple[int, bool]]:
         """Synchronous, right before the OPEN reply: (backing id, direct_io) when
