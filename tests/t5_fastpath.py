@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from curvefs_py.fuse.mountinfo import mount_device
 from mounthelper import cli
 
 MiB = 1 << 20
@@ -281,3 +282,14 @@ def test_bpf_unavailable_gives_reason(mounts):
     assert "kernel counters unavailable: disabled by --no-bpf" in r.stdout
     out = json.loads(cli("stats", m.path, "--json").stdout)
     assert out["derived"]["kernel_read_hit_rate_calls"] is None
+
+
+def test_mount_raises_the_kernel_readahead(mounts):
+    """FUSE's default readahead is 128 KiB; the daemon sets the mount's bdi to four
+    blocks (a sequential reader's misses then arrive as large READs), finding its
+    device in mountinfo, where a mount point with a space is spelled with \\040."""
+    m = mounts.mount(mounts.format("file", extra=("--block-size", "1M")), "--readahead", "8M",
+                     name="mnt with space")
+    dev = mount_device(m.path)
+    assert dev is not None
+    poll(lambda: open(f"/sys/class/bdi/{dev}/read_ahead_kb").read().strip() == str(8 << 10))

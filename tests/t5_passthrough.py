@@ -182,9 +182,10 @@ def test_image_holds_are_lru_within_the_limit(mounts):
 
 
 def test_holds_survive_a_remount_as_far_as_resident(mounts):
-    """A new daemon holds again the images still in the page cache (without reading
-    the disk for them), so a remount does not leave them to idle reclaim; an image
-    the page cache lost is held, whole, at its next open."""
+    """A new daemon holds again the images still in the page cache, as far as they are
+    (without reading the disk for them), so a remount does not leave them to idle
+    reclaim; the next open of a partly held image maps the rest, and an image the page
+    cache lost entirely is held, whole, at its next open."""
     m, a, data_a = with_image(mounts, 8 * MiB)
     b = os.path.join(m.path, "b")
     data_b = make_file(b, 4 * MiB, seed=2)
@@ -192,15 +193,20 @@ def test_holds_survive_a_remount_as_far_as_resident(mounts):
     img_a, img_b = image_for(m, a), image_for(m, b)
     poll(lambda: held_images(m) == {img_a: 8 * MiB, img_b: 4 * MiB})
     m.stop()
-    fd = os.open(img_b, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # unmapped now: dropped
-    os.close(fd)
-    assert resident_bytes(img_b) == 0
+    for image, length in ((img_a, 2 * MiB), (img_b, 0)):  # unmapped now: dropped
+        fd = os.open(image, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert resident_bytes(img_a) <= 6 * MiB and resident_bytes(img_b) == 0
     m.start()
     wait_passthrough(m)
-    # img_a as far as it is still resident (idle reclaim may have taken some meanwhile)
+    # img_a as far as it is still resident (idle reclaim may take more meanwhile)
     poll(lambda: set(held_images(m)) == {img_a} and held_images(m)[img_a] == resident_bytes(img_a) > 0)
     assert resident_bytes(img_b) == 0  # not read for the hold
+    assert held_images(m)[img_a] <= 6 * MiB
+    with open(a, "rb") as fh:
+        poll(lambda: held_images(m).get(img_a) == 8 * MiB)
+        assert fh.read() == data_a
     with open(b, "rb") as fh:
         poll(lambda: held_images(m).get(img_b) == 4 * MiB and img_a in held_images(m))
         assert fh.read() == data_b

@@ -30,6 +30,7 @@ import trio
 from .. import __version__, metrics, threads
 from ..config import MountOptions, redact
 from ..errors import FsError, ObjectStoreError, QuietError
+from .mountinfo import mount_device
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +278,10 @@ def _set_kernel_readahead(mp: str, nbytes: int) -> bool:
     """Raise the mount's kernel readahead (FUSE defaults to 128 KiB), so a
     sequential reader's misses arrive as 1 MiB READs instead of 128 KiB ones."""
     try:
-        # the device from mountinfo: a stat() here would wait for our own loop
-        with open("/proc/self/mountinfo") as f:
-            devs = [ln.split()[2] for ln in f if ln.split()[4] == mp]
-        if not devs:
+        dev = mount_device(mp)  # from mountinfo: a stat() here would wait for our own loop
+        if dev is None:
             return False
-        path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+        path = f"/sys/class/bdi/{dev}/read_ahead_kb"
         want = str(max(128, min(nbytes, 64 << 20) >> 10))
         with open(path, "w") as f:
             f.write(want)

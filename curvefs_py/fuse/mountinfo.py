@@ -14,16 +14,28 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def _devices() -> dict[str, str]:
+    """{mount point: device ("major:minor")}; the last mount of a point wins (it is
+    the one a path lookup reaches)."""
+    with open("/proc/self/mountinfo") as f:
+        return {_unescape(fields[4]): fields[2] for fields in (line.split() for line in f)}
+
+
 def mount_point(path: Union[str, os.PathLike]) -> Optional[str]:
     """``path`` as mountinfo spells it if it is a mount point, else None. Only the
     parent directory is resolved (symlinks), never the mount point itself."""
     p = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        points = {_unescape(line.split()[4]) for line in f}
+    points = _devices()
     if p in points:
         return p
     real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
     return real if real in points else None
+
+
+def mount_device(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The device ("major:minor", as in /sys/class/bdi/) of the mount at ``path``."""
+    p = mount_point(path)
+    return None if p is None else _devices().get(p)
 
 
 def is_mounted(path: Union[str, os.PathLike]) -> bool:

@@ -64,7 +64,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Protocol
 
 import trio
@@ -130,14 +130,16 @@ class _Held:
     length: int
     busy: bool = True    # being populated by a worker thread
     dead: bool = False   # released while busy: the populating thread unmaps it
-    whole: bool = False  # every page was populated (else only those resident at mount)
+    #: (offset, length) ranges not populated yet: all of it at first, the pages that
+    #: were not resident when the mount's pass held it, none once populated
+    missing: list = field(default_factory=list)
 
     @classmethod
     def map(cls, fd: int, length: int) -> "_Held":
         addr = _libc.mmap(None, length, 0x1, 0x1, fd, 0)  # PROT_READ, MAP_SHARED
         if addr in (None, _MAP_FAILED):
             _raise_errno()
-        return cls(addr, length)
+        return cls(addr, length, missing=[(0, length)])
 
     def populate(self, start: int, length: int) -> None:
         """Map pages (reading the missing ones: the call waits for the disk)."""
@@ -156,6 +158,18 @@ class _Held:
     def unmap(self) -> None:
         if _libc.munmap(self.addr, self.length) != 0:
             log.warning("munmap of a held image failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def _gaps(runs: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of [0, length) that sorted, disjoint ``runs`` leave."""
+    gaps, pos = [], 0
+    for start, n in runs:
+        if start > pos:
+            gaps.append((pos, start - pos))
+        pos = start + n
+    if pos < length:
+        gaps.append((pos, length - pos))
+    return gaps
 
 
 def _touch(path: str) -> None:
@@ -277,14 +291,14 @@ class Images:
             h = self._held.get(name)
             if h is not None:
                 self._held.move_to_end(name)
-                if resident_only or h.busy or h.whole:
+                if resident_only or h.busy or not h.missing:
                     return True
-                h.busy = True  # held at mount with its resident pages only: now all of them
+                h.busy = True  # held at mount with its resident pages only: now the rest
             elif self.hold_limit <= 0 or name not in self._files:
                 return False
         if h is not None:
             _touch(path)
-            return self._populate(name, h)
+            return self._populate(name, h, h.missing, [])
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # forgotten meanwhile
@@ -300,7 +314,7 @@ class Images:
             return False
         finally:
             os.close(fd)
-        runs = None
+        runs, rest = h.missing, []
         if resident_only:
             try:
                 runs = h.resident()
@@ -310,6 +324,7 @@ class Images:
             if not runs:
                 h.unmap()
                 return False
+            rest = _gaps(runs, h.length)
         ended = []
         with self._lock:
             # forgotten, held by a racing call, or forgotten and built again (same
@@ -335,14 +350,16 @@ class Images:
             return name in self._held
         if not resident_only:
             _touch(path)
-        return self._populate(name, h, runs)
+        return self._populate(name, h, runs, rest)
 
-    def _populate(self, name: str, h: _Held, runs: Optional[list[tuple[int, int]]] = None) -> bool:
-        """Populate a held (busy) mapping, all of it or ``runs``, in steps; stop
-        and unmap it if its hold ended meanwhile (its file may be unlinked)."""
+    def _populate(self, name: str, h: _Held, runs: list[tuple[int, int]], rest: list) -> bool:
+        """Populate ``runs`` of a held (busy) mapping in steps, then ``rest`` is what
+        is missing; stop and unmap it if its hold ended meanwhile (its file may be
+        unlinked).  Mapped pages are not walked again: 33 ms of CPU for 1 GiB,
+        and a populate runs beside the reader that opened the file."""
         ok = True
         try:
-            for start, length in runs if runs is not None else [(0, h.length)]:
+            for start, length in runs:
                 for off in range(start, start + length, _POPULATE_STEP):
                     if h.dead:
                         break
@@ -351,8 +368,9 @@ class Images:
             log.debug("image %s: populate: %s", name, exc)
             ok = False
         with self._lock:
+            if ok:
+                h.missing = rest
             h.busy = False
-            h.whole = h.whole or (ok and runs is None)
             dead = h.dead
         if dead:
             h.unmap()
