@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     ap.add_argument("--no-passthrough", action="store_true", help="mount without FUSE passthrough (pusher only)")
+    ap.add_argument("--image-hold", default=None, help="the mount's --image-hold (0: images not held)")
     ap.add_argument("--keep-log", default=None, help="copy the daemon's log here")
     args = ap.parse_args()
     size, seq_size = parse_size(args.size), parse_size(args.seq_size)
@@ -125,6 +126,8 @@ def main() -> int:
         opts = ["--attr-timeout", "60", "--entry-timeout", "60"]
         if args.no_passthrough:
             opts.append("--no-passthrough")
+        if args.image_hold is not None:
+            opts += ["--image-hold", args.image_hold]
         m = Mount(meta, os.path.join(work, "mnt"), cache, os.path.join(work, "mnt.log"), opts)
         m.start()
         mounts.append(m)

@@ -243,6 +243,35 @@ def test_other_client_change_never_read_stale(mounts):
     assert os.stat(fb).st_size == 3 * MiB
 
 
+def test_other_clients_chmod_keeps_the_page_cache(mounts):
+    """A change note carries the data version the change left: another client's chmod
+    refreshes this client's attributes at once (60 s timeouts) but keeps its page
+    cache, whose pages are of that version; another client's write drops it."""
+    meta = mounts.format("file")
+    opts = ("--attr-timeout", "60", "--entry-timeout", "60", "--no-passthrough")
+    a, b = mounts.mount(meta, *opts), mounts.mount(meta, *opts)
+    fa, fb = os.path.join(a.path, "shared"), os.path.join(b.path, "shared")
+    start = b.stats()
+    data = make_file(fa, 2 * MiB)
+    poll(lambda: delta(start, b.stats(), "vfs_remote_changes") >= 2)  # the new entry, the write
+    with open(fb, "rb") as f:  # B's page cache: this version
+        assert f.read() == data
+    before = b.stats()
+    os.chmod(fa, 0o600)
+    poll(lambda: delta(before, b.stats(), "vfs_remote_changes_data_current") == 1)
+    assert os.stat(fb).st_mode & 0o777 == 0o600
+    mid = b.stats()
+    with open(fb, "rb") as f:
+        assert f.read() == data
+    assert delta(mid, b.stats(), "fuse_op_read_count") == 0  # all from B's page cache
+    with open(fa, "r+b") as f:
+        f.write(b"x" * 4096)
+    poll(lambda: delta(mid, b.stats(), "vfs_remote_changes") >= 1)
+    with open(fb, "rb") as f:
+        assert f.read(4096) == b"x" * 4096
+    assert delta(mid, b.stats(), "vfs_remote_changes_data_current") == 0
+
+
 def test_stats_json_has_every_field(mounts):
     meta = mounts.format("file")
     m = mounts.mount(meta)

@@ -50,13 +50,18 @@ class Change:
 
     ``ino`` > 0: the inode's attributes or data changed (its kernel attrs and
     pages are stale); ``parent`` > 0: the directory entry ``(parent, name)``
-    was added, removed or replaced.  ``sid`` is the session that made it."""
+    was added, removed or replaced.  ``sid`` is the session that made it.
+    ``version``: the inode's data_version after the change, when the change
+    knew it (a write, a setattr), else -1.  A client whose kernel pages are of
+    that version keeps them: a chmod does not drop others' caches, nor does the
+    note of a write arrive too late and drop pages read after it."""
 
     seq: int
     sid: int
     ino: int = 0
     parent: int = 0
     name: bytes = b""
+    version: int = -1
 
 
 def check_name(name: bytes) -> None:

@@ -102,6 +102,7 @@ def one_line(exc: BaseException) -> str:
 class PostgresDialect(Dialect):
     types = {"BLOB": "BYTEA"}
     placeholder = "%s"
+    add_column = "ADD COLUMN IF NOT EXISTS"  # two clients may both find it missing
 
     def __init__(self, params: dict[str, str]):
         params = dict(params)
@@ -179,6 +180,11 @@ class PostgresDialect(Dialect):
     def table_exists(self, cur: Any, name: str) -> bool:
         cur.execute("SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema()"
                     " AND tablename = %s", (name,))
+        return cur.fetchone() is not None
+
+    def column_exists(self, cur: Any, table: str, column: str) -> bool:
+        cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                    " AND table_name = %s AND column_name = %s", (table, column))
         return cur.fetchone() is not None
 
     def write_lock(self) -> contextlib.AbstractContextManager:

@@ -661,7 +661,7 @@ class RedisEngine(Engine):
         if not changes:
             return
         self._plain([(b"XADD", CHANGES_KEY, b"MAXLEN", b"~", CHANGES_MAXLEN, b"*",
-                      b"s", self.sid, b"i", c.ino, b"p", c.parent, b"n", c.name)
+                      b"s", self.sid, b"i", c.ino, b"p", c.parent, b"n", c.name, b"v", c.version)
                      for c in changes])
 
     def changes_since(self, cursor: int, limit: int = 1000):
@@ -682,7 +682,8 @@ class RedisEngine(Engine):
             sid = _int(f.get(b"s"))
             if sid != self.sid:
                 out.append(Change(_stream_cursor(sid_raw), sid, _int(f.get(b"i")),
-                                  _int(f.get(b"p")), bytes(f.get(b"n") or b"")))
+                                  _int(f.get(b"p")), bytes(f.get(b"n") or b""),
+                                  _int(f.get(b"v"), -1)))
         return _stream_cursor(rows[-1][0]), out
 
     def wait_changes(self, cursor: int, timeout: float) -> None:

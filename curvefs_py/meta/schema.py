@@ -140,7 +140,9 @@ CREATE TABLE IF NOT EXISTS changelog (
     ino    BIGINT NOT NULL,              -- > 0: this inode's attributes or data changed
     parent BIGINT NOT NULL,              -- > 0: the entry (parent, name) was added, removed or replaced
     name   BLOB NOT NULL,
-    ts     BIGINT NOT NULL               -- ns; rows older than CHANGELOG_KEEP_S are pruned
+    ts     BIGINT NOT NULL,              -- ns; rows older than CHANGELOG_KEEP_S are pruned
+    version BIGINT NOT NULL DEFAULT -1   -- the inode's data_version after it, -1: unknown
+                                         -- (added later: publish() adds it to older tables)
     -- A feed of kernel-cache invalidations for other clients (Engine.changes_since).
     -- Written after the change itself commits: a lost row only costs staleness up to
     -- the attr/entry timeout, never wrong data (open checks data_version).

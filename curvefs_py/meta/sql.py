@@ -100,6 +100,13 @@ class Dialect(abc.ABC):
     def table_exists(self, cur: Any, name: str) -> bool:
         """Inside a transaction: does table ``name`` exist?"""
 
+    @abc.abstractmethod
+    def column_exists(self, cur: Any, table: str, column: str) -> bool:
+        """Inside a transaction: does ``table`` have ``column``?"""
+
+    #: how ALTER TABLE adds a column that another client may add at the same time
+    add_column = "ADD COLUMN"
+
     def write_lock(self) -> contextlib.AbstractContextManager:
         """Held around every write transaction (SQLite: one writer per process)."""
         return contextlib.nullcontext()
@@ -180,6 +187,7 @@ class SqlEngine(Engine):
         self._slice_end = 0
         self._session_info: dict = {}
         self._closed = False
+        self._has_versions = False  # the changelog has its version column (once seen)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.dialect.description}>"
@@ -529,13 +537,22 @@ class SqlEngine(Engine):
                         tx.run(stmt)
                 tx.run("INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                        "next_change", 1)
+            elif not self._changelog_versions(tx):  # a table from before the column
+                tx.run(f"ALTER TABLE changelog {self.dialect.add_column} version BIGINT NOT NULL DEFAULT -1")
             base = self._add_counter(tx, "next_change", len(changes)) - len(changes)
-            tx.many("INSERT INTO changelog (seq, sid, ino, parent, name, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(base + i, sid, c.ino, c.parent, c.name, now) for i, c in enumerate(changes)])
+            tx.many("INSERT INTO changelog (seq, sid, ino, parent, name, ts, version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(base + i, sid, c.ino, c.parent, c.name, now, c.version) for i, c in enumerate(changes)])
             if base % 256 < len(changes):  # now and then: prune old rows
                 tx.run("DELETE FROM changelog WHERE ts < ?", now - int(schema.CHANGELOG_KEEP_S * 1e9))
 
         self._txn(fn)
+
+    def _changelog_versions(self, tx: Txn) -> bool:
+        """Inside a transaction, the changelog existing: has it the version column?
+        (Once it has, it keeps it: remembered.)"""
+        if not self._has_versions:
+            self._has_versions = self.dialect.column_exists(tx.cur, "changelog", "version")
+        return self._has_versions
 
     def changes_since(self, cursor: int, limit: int = 1000):
         """Blocking. See Engine.changes_since."""
@@ -546,12 +563,13 @@ class SqlEngine(Engine):
                 return max(cursor, 0), []
             if cursor < 0:
                 return max(int(self._counter(tx, "next_change")) - 1, 0), []
-            rows = tx.all("SELECT seq, sid, ino, parent, name FROM changelog WHERE seq > ?"
+            version = "version" if self._changelog_versions(tx) else "-1"
+            rows = tx.all(f"SELECT seq, sid, ino, parent, name, {version} FROM changelog WHERE seq > ?"
                           " ORDER BY seq LIMIT ?", cursor, limit)
             if not rows:
                 return cursor, []
-            out = [Change(int(seq), int(sid), int(ino), int(parent), _b(name))
-                   for seq, sid, ino, parent, name in rows if sid != self.sid]
+            out = [Change(int(seq), int(sid), int(ino), int(parent), _b(name), int(ver))
+                   for seq, sid, ino, parent, name, ver in rows if sid != self.sid]
             return int(rows[-1][0]), out
 
         return self._txn(fn, write=False)

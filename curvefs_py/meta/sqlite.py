@@ -117,6 +117,11 @@ class SqliteDialect(Dialect):
         cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
         return cur.fetchone() is not None
 
+    def column_exists(self, cur: Any, table: str, column: str) -> bool:
+        # one writer per database file: a check and an ALTER in one write txn are atomic
+        cur.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = ?", (table, column))
+        return cur.fetchone() is not None
+
     def write_lock(self) -> contextlib.AbstractContextManager:
         return self._lock
 

@@ -210,11 +210,12 @@ class VFS:
             log.warning("deleting unused objects at unmount failed (left for later): %s", exc)
         await self.passthrough.close()
 
-    def _changed(self, ino: int = 0, parent: int = 0, name: bytes = b"") -> None:
-        """Note a committed change for other clients' kernel caches."""
+    def _changed(self, ino: int = 0, parent: int = 0, name: bytes = b"", version: int = -1) -> None:
+        """Note a committed change for other clients' kernel caches (``version``:
+        the inode's data_version after it, if known)."""
         from ..meta.engine import Change
 
-        self._changes.append(Change(0, 0, ino, parent, name))
+        self._changes.append(Change(0, 0, ino, parent, name, version))
         self._changes_kick.set()
 
     async def _publisher(self) -> None:
@@ -231,7 +232,7 @@ class VFS:
 
     def _on_commit(self, attr: Attr) -> None:
         ino = attr.ino
-        self._changed(ino)
+        self._changed(ino, version=attr.data_version)
         self.pusher.changed(ino)
         self._drop_slices(ino)
         if ino in self.open_attrs:
@@ -334,17 +335,24 @@ class VFS:
         metrics.inc("vfs_remote_changes")
         if ch.ino:
             self._no_caps.discard(ch.ino)
-            if ch.ino in self.kernel_versions:
-                self.kernel_versions[ch.ino] = STALE
-            self.pusher.dropped(ch.ino)
-            self._drop_slices(ch.ino)
+            # the kernel's pages are of the version the change left (a chmod; or the
+            # note of a write came after this client opened the file it made): keep
+            # them, the slice lists and what the pusher knows; drop the attributes
+            current = ch.version >= 0 and self.kernel_versions.get(ch.ino) == ch.version
+            if current:
+                metrics.inc("vfs_remote_changes_data_current")
+            else:
+                if ch.ino in self.kernel_versions:
+                    self.kernel_versions[ch.ino] = STALE
+                self.pusher.dropped(ch.ino)
+                self._drop_slices(ch.ino)
             if ch.ino in self.open_attrs and not self.writers.get(ch.ino):
                 try:
                     self.open_attrs[ch.ino] = await self._meta(self.engine.getattr, ch.ino)
                 except FsError:
                     pass
             if self.notifier is not None:
-                await self.notifier.invalidate_inode(ch.ino)
+                await self.notifier.invalidate_inode(ch.ino, attr_only=current)
         if ch.parent and ch.name and self.notifier is not None:
             await self.notifier.invalidate_entry(ch.parent, ch.name)
 
@@ -379,7 +387,7 @@ class VFS:
             self._on_commit(attr)
             await self.passthrough.mirror_truncate(ino, changes.length)
         else:
-            self._changed(ino)
+            self._changed(ino, version=attr.data_version)
             if ino in self.open_attrs:
                 self.open_attrs[ino] = attr
         return self._with_dirty(attr)
