@@ -82,6 +82,18 @@ def seqread(path: str, size: int) -> float:
     return j["read"]["bw_bytes"] / (1 << 20)
 
 
+def disk_read_bytes() -> int:
+    """Bytes read so far from the disks (block devices with a device behind them:
+    not loop, zram or device-mapper), from /proc/diskstats (512-byte sectors)."""
+    total = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if os.path.exists(f"/sys/block/{fields[2]}/device"):
+                total += int(fields[5]) * 512
+    return total
+
+
 def statstorm(directory: str, runtime: int) -> float:
     j = fio(["--name=st", f"--directory={directory}", "--ioengine=filestat", "--nrfiles=1000",
              "--filesize=4k", "--openfiles=1", "--file_service_type=sequential",
@@ -190,13 +202,14 @@ def main() -> int:
             rows["stat"][1].append(statstorm(os.path.join(m.path, "stats"), args.runtime))
             # 4. sequential read of a block-cached file (fio drops its pages first)
             rows["seq"][0].append(seqread(os.path.join(tmpfs, "seq"), seq_size))
-            before = m.stats()
+            before, disk = m.stats(), disk_read_bytes()
             rows["seq"][1].append(seqread(os.path.join(m.path, "seq"), seq_size))
-            after = m.stats()
+            after, disk = m.stats(), disk_read_bytes() - disk
             pt = after.get("passthrough_opens", 0) - before.get("passthrough_opens", 0)
             print(f"round {rnd + 1}/{args.rounds} done: " + ", ".join(
                 f"{k} {v[1][-1]:,.0f}" + (f"/{v[0][-1]:,.0f}" if v[0] else "") for k, v in rows.items() if v[1])
-                + f"; passthrough opens in the seq read: {pt:.0f}", file=sys.stderr)
+                + f"; passthrough opens in the seq read: {pt:.0f}, read from disks meanwhile: "
+                f"{disk / (1 << 20):,.0f} MiB", file=sys.stderr)
         # for information, once at the end: the host's page cache emptied too, so the
         # disk cache (images, blocks) is read from the disk itself
         remount()

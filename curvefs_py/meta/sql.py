@@ -529,6 +529,8 @@ class SqlEngine(Engine):
         if not changes:
             return
         sid, now = self.sid, _now()
+        if not self._has_versions:
+            self._txn(self._migrate_changelog)  # apart: DDL locks before the counter's row
 
         def fn(tx: Txn) -> None:
             if not self.dialect.table_exists(tx.cur, "changelog"):
@@ -537,8 +539,6 @@ class SqlEngine(Engine):
                         tx.run(stmt)
                 tx.run("INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                        "next_change", 1)
-            elif not self._changelog_versions(tx):  # a table from before the column
-                tx.run(f"ALTER TABLE changelog {self.dialect.add_column} version BIGINT NOT NULL DEFAULT -1")
             base = self._add_counter(tx, "next_change", len(changes)) - len(changes)
             tx.many("INSERT INTO changelog (seq, sid, ino, parent, name, ts, version) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(base + i, sid, c.ino, c.parent, c.name, now, c.version) for i, c in enumerate(changes)])
@@ -546,6 +546,12 @@ class SqlEngine(Engine):
                 tx.run("DELETE FROM changelog WHERE ts < ?", now - int(schema.CHANGELOG_KEEP_S * 1e9))
 
         self._txn(fn)
+        self._has_versions = True
+
+    def _migrate_changelog(self, tx: Txn) -> None:
+        """A changelog table made before its version column gets it (-1 in old rows)."""
+        if self.dialect.table_exists(tx.cur, "changelog") and not self._changelog_versions(tx):
+            tx.run(f"ALTER TABLE changelog {self.dialect.add_column} version BIGINT NOT NULL DEFAULT -1")
 
     def _changelog_versions(self, tx: Txn) -> bool:
         """Inside a transaction, the changelog existing: has it the version column?

@@ -22,9 +22,10 @@ Held images: the page cache of an image is what the kernel reads from, so a
 page reclaimed while the file is idle costs the next reader a small synchronous
 disk read (a 1 GiB sequential read fell from 7.8 to 1.3 GiB/s here).  Proactive
 reclaim takes exactly those pages: DAMON ``pageout`` schemes page out what was
-idle for seconds, and are commonly filtered to *unmapped* file pages (this
-machine runs one: idle ~6 s, anon and mapped pages excluded).  So the most recently
-used images, up to ``hold_limit`` bytes (``--image-hold``), stay *mapped* in
+idle for a while, and are commonly filtered to *unmapped* file pages (this
+machine runs one: 12 aggregation intervals idle; anon and mapped pages
+excluded).  So the most recently used images, up to ``hold_limit`` bytes
+(``--image-hold``), stay *mapped* in
 the daemon (read-only, shared, populated with MADV_POPULATE_READ): their pages
 count as in use, like a mapped executable's.  A hold is not a pin: under memory
 pressure the kernel still unmaps and reclaims them (a pin would be mlock).

@@ -13,6 +13,7 @@ Every engine call runs in a worker thread (``threads.run_blocking`` with the
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -63,6 +64,9 @@ class VFS:
         self.failsafe = False
         self.open_attrs: Dict[int, Attr] = {}
         self._slices: Dict[tuple[int, int], list[Slice]] = {}
+        #: per open inode: a stamp (never reused) that each _drop_slices renews
+        self._slice_gen: Dict[int, int] = {}
+        self._stamps = itertools.count(1)
         #: data_version of each inode as the kernel's page cache last saw it; an
         #: inode never opened here has no pages in this mount's kernel cache (absent),
         #: STALE marks one whose pages another client's change made stale
@@ -230,7 +234,10 @@ class VFS:
             except Exception as exc:  # others fall back to their attr/entry timeouts
                 log.warning("publishing %d changes failed: %s", len(batch), exc)
 
-    def _on_commit(self, attr: Attr) -> None:
+    def _on_commit(self, attr: Attr, bumped: bool = True) -> None:
+        """A data change of ours committed; ``bumped``: it certainly added one to
+        data_version (a write does; a truncate to the length the file already had
+        does not, and then ``attr`` may carry another client's version)."""
         ino = attr.ino
         self._changed(ino, version=attr.data_version)
         self.pusher.changed(ino)
@@ -238,12 +245,17 @@ class VFS:
         if ino in self.open_attrs:
             self.open_attrs[ino] = attr
         # our own writes went through the page cache: the kernel's copy is current
-        if self.kernel_versions.get(ino) == attr.data_version - 1:
+        if bumped and self.kernel_versions.get(ino) == attr.data_version - 1:
             self.kernel_versions[ino] = attr.data_version
         self._delete_kick.set()
 
     def _drop_slices(self, ino: int) -> None:
-        """Forget the cached slice lists of ``ino`` (its chunks changed or may have)."""
+        """Forget the cached slice lists of ``ino`` (its chunks changed or may have);
+        a fetch already running is not cached when it returns (_get_slices)."""
+        if ino in self.open_attrs:
+            self._slice_gen[ino] = next(self._stamps)
+        else:  # nothing is cached for a file not open (and open() stamps first)
+            self._slice_gen.pop(ino, None)
         for key in [k for k in self._slices if k[0] == ino]:
             del self._slices[key]
 
@@ -255,9 +267,12 @@ class VFS:
         key = (ino, chunk_idx)
         s = self._slices.get(key)
         if s is None:
+            gen = self._slice_gen.get(ino, 0)
             s = await self._meta(self.engine.read_chunk, ino, chunk_idx)
             self.compactor.seen(ino, chunk_idx, len(s))
-            if ino in self.open_attrs:  # cache only for open files (dropped at open/commit)
+            # cache only for open files (dropped at open/commit), and not a list
+            # fetched before a drop: it may be of the version before the drop
+            if ino in self.open_attrs and self._slice_gen.get(ino, 0) == gen:
                 self._slices[key] = s
         return s
 
@@ -384,7 +399,7 @@ class VFS:
             self.pusher.changed(ino)
         attr = await self._meta(self.engine.setattr, ino, changes)
         if changes.length is not None:
-            self._on_commit(attr)
+            self._on_commit(attr, bumped=False)
             await self.passthrough.mirror_truncate(ino, changes.length)
         else:
             self._changed(ino, version=attr.data_version)
@@ -472,7 +487,7 @@ class VFS:
         if flags & os.O_TRUNC and attr.length:
             await self.writers.flush(ino)
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
-            self._on_commit(attr)
+            self._on_commit(attr, bumped=False)
             await self.passthrough.mirror_truncate(ino, 0)
         await self.passthrough.prepare(attr, flags, self.handles.open_count.get(ino, 0))
         # no await from here to the reply: the kernel must see the mode decided here
@@ -480,11 +495,11 @@ class VFS:
         h = self.handles.new(ino, flags)
         # close-to-open: drop cached slice lists, keep the kernel's pages only
         # while the data version is the one the kernel last saw
-        self._drop_slices(ino)
         if not self.writers.get(ino):
             self.open_attrs[ino] = attr
         else:
             self.open_attrs.setdefault(ino, attr)
+        self._drop_slices(ino)  # after open_attrs: a fetch running now is not cached
         if pt is not None:
             h.backing = pt[0]
             return h.fh, False, pt[1], pt[0]
@@ -657,11 +672,18 @@ class VFS:
                         await threads.run_blocking(willneed, path, limiter=threads.DISK)
                     progress(1, 0)
                     continue
-            if self.kernel_versions.get(ino) != attr.data_version:
-                # the kernel may hold an older version: let the next open drop it
+            push = kernel and self.pusher.enabled and not self.pusher.blocked(ino)
+            seen = self.kernel_versions.get(ino)
+            if seen != attr.data_version:
+                # the kernel may hold an older version: let the next open drop it, and
+                # push nothing from slice lists cached for it (a file open here)
                 self.kernel_versions[ino] = STALE
-            await self.pusher.warmup(ino, attr.length, kernel and not self.pusher.blocked(ino), count)
-            if kernel and self.pusher.enabled:
+                self._drop_slices(ino)
+                self.pusher.dropped(ino)
+                if push and seen is not None and self.notifier is not None:
+                    await self.notifier.invalidate_inode(ino)  # its pages, before new ones
+            await self.pusher.warmup(ino, attr.length, push, count)
+            if push:  # every page in the kernel now is of this version
                 self.kernel_versions[ino] = attr.data_version
             progress(1, 0)
 
