@@ -134,6 +134,11 @@ def serve(opts: MountOptions) -> int:
     vfs = VFS(engine, chunks, fmt, notifier=notifier, options=vfs_options, backing=backing)
     ops = Operations(vfs, attr_timeout=opts.attr_timeout, entry_timeout=opts.entry_timeout,
                      negative_timeout=opts.negative_timeout, backing=backing)
+    if vfs.images.max_file > 0 and vfs.images.hold_limit > 0:
+        # at once: between the last daemon's exit and this hold the images are
+        # unmapped, and proactive reclaim takes idle unmapped pages within seconds
+        held = vfs.images.hold_resident()
+        log.info("holding %d image(s) still in the page cache", held)
     fuse_opts = set(pyfuse3.default_options)
     fuse_opts |= {f"fsname=curvefs:{fmt.name}", "subtype=curvefs", "default_permissions"}
     if os.geteuid() == 0:
@@ -258,6 +263,7 @@ async def _passthrough_after_init(vfs) -> None:
     """Once FUSE_INIT is answered, find out whether the kernel takes backing files."""
     backing = vfs.passthrough.kernel
     if backing is None or not backing.installed:
+        await threads.run_blocking(vfs.images.release_all, limiter=threads.HOLD)  # unused here
         return
     for _ in range(50):
         await trio.sleep(0.1)
@@ -267,11 +273,9 @@ async def _passthrough_after_init(vfs) -> None:
     if await backing.probe(os.path.join(vfs.images.dir, ".probe")):
         log.info("FUSE passthrough on: files up to %d bytes are served from images in %s",
                  vfs.images.max_file, vfs.images.dir)
-        if vfs.images.hold_limit > 0:
-            held = await threads.run_blocking(vfs.images.hold_resident, limiter=threads.HOLD)
-            log.info("holding %d image(s) still in the page cache", held)
     else:
         log.info("FUSE passthrough unavailable: %s", backing.reason)
+        await threads.run_blocking(vfs.images.release_all, limiter=threads.HOLD)
 
 
 def _set_kernel_readahead(mp: str, nbytes: int) -> bool:
