@@ -107,6 +107,16 @@ def held_images(m) -> dict[str, int]:
     return held
 
 
+def drop_pages(path: str, length: int = 0) -> None:
+    """posix_fadvise(DONTNEED) on the first ``length`` bytes of ``path`` (0: all of it),
+    as reclaim would drop them: unmapped pages only."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def image_of(m) -> list[str]:
     return sorted(glob.glob(os.path.join(m.cache_dir, "*", "images", "*")))
 
@@ -124,10 +134,8 @@ def test_entering_passthrough_pages_the_image_in(mounts):
     kernel to read the missing pages at once, before any read. (Without holds: a
     held image's pages are mapped, and DONTNEED leaves those.)"""
     m, f, data = with_image(mounts, 8 * MiB, "--image-hold", "0")
-    (image,) = glob.glob(os.path.join(m.cache_dir, "*", "images", "*"))
-    fd = os.open(image, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as reclaim would
-    os.close(fd)
+    (image,) = image_of(m)
+    drop_pages(image)
     assert resident_bytes(image) < MiB
     before = m.stats()
     fd = os.open(f, os.O_RDONLY)
@@ -150,9 +158,7 @@ def test_recent_images_stay_mapped_so_idle_reclaim_leaves_them(mounts):
     (image,) = image_of(m)
     poll(lambda: held_images(m).get(image) == len(data))
     assert m.stats()["image_held_bytes"] == len(data)
-    fd = os.open(image, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    drop_pages(image)
     assert resident_bytes(image) == len(data)
     os.unlink(f)
     poll(lambda: not image_of(m))
@@ -193,10 +199,8 @@ def test_holds_survive_a_remount_as_far_as_resident(mounts):
     img_a, img_b = image_for(m, a), image_for(m, b)
     poll(lambda: held_images(m) == {img_a: 8 * MiB, img_b: 4 * MiB})
     m.stop()
-    for image, length in ((img_a, 2 * MiB), (img_b, 0)):  # unmapped now: dropped
-        fd = os.open(image, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    drop_pages(img_a, 2 * MiB)  # unmapped now: dropped
+    drop_pages(img_b)
     assert resident_bytes(img_a) <= 6 * MiB and resident_bytes(img_b) == 0
     m.start()
     wait_passthrough(m)

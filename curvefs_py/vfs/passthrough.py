@@ -692,4 +692,4 @@ class Passthrough:
     async def close(self) -> None:
         for ino in list(self.modes):
             await self._retire(self.modes.pop(ino))
-        await threads.run_blocking(self.images.release_all, limiter=threads.DISK)
+        await threads.run_blocking(self.images.release_all, limiter=threads.HOLD)
