@@ -961,6 +961,34 @@ def test_compaction_queues_exactly_hidden_slices(engine):
     assert pending(e) == {}
 
 
+def test_scan_slices_names_every_slice_of_every_file_once(engine):
+    e = engine
+    st = Store(e)
+    assert e.scan_slices() == set()
+    d = mkdir(e, ROOT_INODE, b"d")
+    f, g = mkfile(e, ROOT_INODE, b"f"), mkfile(e, d, b"g")
+    st.write(f, 0, b"f" * 100)
+    st.write(f, CS - 10, b"F" * 30)  # one slice id per chunk piece: two chunks
+    st.write(g, 5, b"g" * 7)
+    e.setattr(g, SetAttr(length=3 * CS))  # a hole: not a slice
+    # one object shown in two chunks of a file is named once
+    X = e.next_slice_id()
+    e.write(f, [(2, Slice(0, X, 200, 0, 100)), (3, Slice(0, X, 200, 100, 100))], 3 * CS + 100, 1)
+
+    def rows(ino, idxs):
+        return {(s.id, s.size, ino) for i in idxs for s in e.read_chunk(ino, i) if s.id}
+
+    want = rows(f, range(4)) | rows(g, range(3))
+    assert len(want) == 5 and (X, 200, f) in want
+    assert e.scan_slices() == want
+    # hidden slices leave the scan for the delete queue; a removed file leaves it
+    [(hidden, _, _)] = rows(g, [0])
+    st.write(g, 0, b"G" * 20)
+    assert hidden in pending(e) and hidden not in {sid for sid, _, _ in e.scan_slices()}
+    e.unlink(d, b"g", lambda ino: False)
+    assert e.scan_slices() == rows(f, range(4))
+
+
 def test_truncate_down_and_up_reads_a_hole(engine):
     e = engine
     st = Store(e)

@@ -98,7 +98,7 @@ def test_list_order_and_prefix(store):
     for prefix in ["", "a", "a/", "a/c", "a/c/", "a/c/d", "chunks/1", "chunks/1/", "chunks/1/1000/10000",
                    "zz", "a/c/d/"]:
         want = sorted((k, s) for k, s in objs.items() if k.startswith(prefix))
-        assert list(store.list(prefix)) == want, prefix
+        assert [(o.key, o.size) for o in store.list(prefix)] == want, prefix
 
 
 def test_list_pages(store):
@@ -107,7 +107,16 @@ def test_list_pages(store):
     keys = [f"p/{i:03d}" for i in range(11)]
     for k in keys:
         store.put(k, b"z")
-    assert [k for k, _ in store.list("p/")] == keys
+    assert [o.key for o in store.list("p/")] == keys
+
+
+def test_list_gives_upload_time(store):
+    before = time.time()
+    store.put("t/a", b"xyz")
+    [o] = store.list("t/")
+    assert (o.key, o.size) == ("t/a", 3)
+    # S3 LastModified has whole seconds
+    assert before - 2 <= o.mtime <= time.time() + 1, (before, o.mtime)
 
 
 def test_delete_idempotent(store):
@@ -120,7 +129,7 @@ def test_delete_idempotent(store):
         store.get("d/1/x")
     with pytest.raises(NoSuchKey):
         store.head("d/1/x")
-    assert list(store.list("d/")) == [("d/2", 3)]
+    assert [(o.key, o.size) for o in store.list("d/")] == [("d/2", 3)]
 
 
 def test_missing_key(store):
@@ -149,7 +158,7 @@ def test_concurrent_puts(store):
         list(pool.map(lambda kv: store.put(*kv), objs.items()))
         got = dict(zip(objs, pool.map(store.get, objs)))
     assert got == objs
-    assert list(store.list("chunks/")) == sorted((k, len(v)) for k, v in objs.items())
+    assert [(o.key, o.size) for o in store.list("chunks/")] == sorted((k, len(v)) for k, v in objs.items())
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         list(pool.map(store.delete, objs))
     assert list(store.list()) == []
@@ -225,7 +234,7 @@ def test_file_layout(tmp_path):
     assert (tmp_path / "chunks/0/1/1234_0_3").read_bytes() == b"abc"
     assert os.listdir(tmp_path / "chunks/0/1") == ["1234_0_3"]  # no temporary file left
     (tmp_path / "chunks/0/1/.tmp-deadbeef").write_bytes(b"half")  # a crash left it
-    assert list(st.list()) == [("chunks/0/1/1234_0_3", 3)]
+    assert [(o.key, o.size) for o in st.list()] == [("chunks/0/1/1234_0_3", 3)]
     os.unlink(tmp_path / "chunks/0/1/.tmp-deadbeef")
     st.put("chunks/0/2/1_0_1", b"z")
     st.delete("chunks/0/1/1234_0_3")

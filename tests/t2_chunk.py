@@ -105,7 +105,7 @@ async def upload_slice(cs: ChunkStore, slice_id: int, data: bytes) -> None:
 
 
 def stored_keys(store: ObjectStore) -> set[str]:
-    return {k for k, _ in store.list("chunks/")}
+    return {o.key for o in store.list("chunks/")}
 
 
 # ---------------------------------------------------------------------------- round trips

@@ -116,8 +116,8 @@ def test_s3_wrong_credentials(tmp_path, s3_auth):
     assert rc == 0, err
 
 
-def test_mount_when_s3_is_gone(mounts, tmp_path):
-    """A formatted S3 volume whose server has stopped: mount -d fails fast with exit 4."""
+def s3_volume_gone(tmp_path) -> str:
+    """META_URL of a formatted S3 volume whose server has stopped."""
     srv = servers.start_s3_server(tmp_path / "s3gone")
     try:
         url = srv.create_bucket("gone")
@@ -126,6 +126,12 @@ def test_mount_when_s3_is_gone(mounts, tmp_path):
         assert rc == 0, err
     finally:
         srv.stop()
+    return meta
+
+
+def test_mount_when_s3_is_gone(mounts, tmp_path):
+    """A formatted S3 volume whose server has stopped: mount -d fails fast with exit 4."""
+    meta = s3_volume_gone(tmp_path)
     mp = tmp_path / "mp"
     mp.mkdir()
     fails(["mount", "-d", meta, str(mp), "--cache-dir", str(tmp_path / "c"), "--log", str(tmp_path / "l")],
@@ -232,3 +238,25 @@ def test_umount_busy(mounts):
         assert is_mounted(m.path)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------ gc, fsck
+@pytest.mark.parametrize("cmd", ["gc", "fsck"])
+def test_gc_fsck_without_a_volume_or_its_bucket(tmp_path, file_volume, cmd):
+    fails([cmd, "mysql://h/db"], 3, contains="scheme")
+    missing = sqlite(tmp_path)
+    fails([cmd, missing], 5, contains="no volume")
+    assert not os.path.exists(missing.split("://", 1)[1]), f"{cmd} created an empty database"
+    shutil.rmtree(tmp_path / "objs")
+    msg = fails([cmd, file_volume], 4, within=PROBE_LIMIT_S)
+    assert "objs" in msg and "does not exist" in msg, msg
+
+
+@pytest.mark.parametrize("cmd", ["gc", "fsck"])
+def test_gc_fsck_when_s3_is_gone(tmp_path, cmd):
+    fails([cmd, s3_volume_gone(tmp_path)], 4, contains="unreachable", within=PROBE_LIMIT_S)
+
+
+def test_gc_bad_options(file_volume):
+    fails(["gc", file_volume, "--min-age", "-1"], 3, contains="min-age")
+    fails(["gc", file_volume, "--threads", "0"], 3, contains="threads")

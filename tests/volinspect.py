@@ -86,3 +86,20 @@ def object_keys(meta_url: str, prefix: str = "chunks/") -> set[str]:
 def dangling_keys(meta_url: str) -> set[str]:
     """Objects that committed metadata names but the bucket does not hold (must be empty)."""
     return live_keys(meta_url) - object_keys(meta_url)
+
+
+def file_keys(meta_url: str, ino: int) -> list[str]:
+    """Keys of the block objects one file's chunks name, in key order."""
+    fmt = volume_format(meta_url)
+    with _db(meta_url) as db:
+        rows = db.execute("SELECT DISTINCT id, size FROM chunk WHERE ino = ? AND id <> 0", (ino,)).fetchall()
+    return sorted(k for sid, size in rows for k in slice_keys(int(sid), int(size), fmt["block_size"]))
+
+
+def open_volume_store(meta_url: str):
+    """The volume's ObjectStore (the product's own client), to plant or remove objects."""
+    from curvefs_py.object import open_store
+
+    fmt = volume_format(meta_url)
+    return open_store(fmt["storage"], fmt["bucket"], fmt["access_key"], fmt["secret_key"],
+                      fmt.get("region") or "")

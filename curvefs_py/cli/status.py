@@ -1,12 +1,10 @@
 """``curvefs status META_URL``: the volume's settings, its mounted clients and its usage."""
 from __future__ import annotations
 
-import errno
 import json
 import time
 
-from ..config import check_meta_url, redact
-from ..errors import FsError, QuietError
+from .volume import backend_errors, open_volume
 
 
 def register(sub) -> None:
@@ -18,20 +16,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..meta import open_engine
-
-    check_meta_url(args.meta_url)
-    engine = open_engine(args.meta_url)
+    engine, fmt = open_volume(args.meta_url)
     try:
-        try:
-            fmt = engine.load()
-        except FsError as exc:
-            if exc.errno == errno.ENOENT:
-                raise QuietError(f"{redact(args.meta_url)} holds no volume", 5) from None
-            raise QuietError(f"cannot read metadata: {exc}", 4) from None
-        sessions = engine.list_sessions()
-        usage = engine.usage()
-        sf = engine.statfs()
+        with backend_errors():
+            sessions = engine.list_sessions()
+            usage = engine.usage()
+            sf = engine.statfs()
     finally:
         engine.close()
     setting = fmt.to_dict()

@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..errors import QuietError
+from .units import fmt_bytes
 
 
 def register(sub) -> None:
@@ -61,14 +62,6 @@ def _collect(paths):
     return inos, total
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def run(args) -> int:
     mps = {_mountpoint(p) for p in args.paths}
     if len(mps) != 1:
@@ -86,8 +79,8 @@ def run(args) -> int:
             el = time.monotonic() - t0
             rate = st["bytes"] / el if el > 0 else 0
             eta = (total - st["bytes"]) / rate if rate > 0 else 0
-            line = (f"warmup: {st['files']}/{st['files_total']} files, {_fmt_bytes(st['bytes'])}"
-                    f"/{_fmt_bytes(total)}, {_fmt_bytes(rate)}/s, ETA {eta:.0f}s")
+            line = (f"warmup: {st['files']}/{st['files_total']} files, {fmt_bytes(st['bytes'])}"
+                    f"/{fmt_bytes(total)}, {fmt_bytes(rate)}/s, ETA {eta:.0f}s")
             if tty:
                 print("\r" + line + "   ", end="", file=sys.stderr, flush=True)
             if st.get("done"):
@@ -98,7 +91,7 @@ def run(args) -> int:
     if tty:
         print(file=sys.stderr)
     if not args.quiet:
-        print(f"warmed up {st['files']} files, {_fmt_bytes(st['bytes'])} in {time.monotonic() - t0:.1f}s"
+        print(f"warmed up {st['files']} files, {fmt_bytes(st['bytes'])} in {time.monotonic() - t0:.1f}s"
               + ("" if args.no_kernel else " (pushed into the kernel page cache)"))
     for e in st.get("errors", []):
         print(f"curvefs warmup: {e}", file=sys.stderr)

@@ -281,6 +281,13 @@ class Engine(abc.ABC):
         visible bytes as one slice and must not cover a newer write."""
 
     @abc.abstractmethod
+    def scan_slices(self) -> set[tuple[int, int, int]]:
+        """Blocking, read only. ``(slice id, size, ino)`` of every slice a chunk of
+        a file names (holes left out), each once: what ``gc`` and ``fsck`` hold
+        the bucket against.  Not one snapshot on every engine (Redis reads chunk
+        by chunk): a caller that must not act on a stale view checks again."""
+
+    @abc.abstractmethod
     def pending_deletes(self, limit: int = 1000) -> list[tuple[int, int]]:
         """Blocking. Slices whose objects are to be deleted: [(id, size)]."""
 

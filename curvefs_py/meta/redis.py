@@ -161,6 +161,9 @@ def _ckey(ino: int, idx: int) -> bytes:
     return b"c%d_%d" % (ino, idx)
 
 
+_CHUNK_KEY = re.compile(rb"c(\d+)_(\d+)")
+
+
 def _cset(ino: int) -> bytes:
     return b"C%d" % ino
 
@@ -1334,6 +1337,24 @@ class RedisEngine(Engine):
             return a
 
         return self._txn(fn, lock=ino)
+
+    def scan_slices(self) -> set[tuple[int, int, int]]:
+        """SCAN the ``c{ino}_{idx}`` lists page by page (not one snapshot)."""
+        out: set[tuple[int, int, int]] = set()
+        cursor = b"0"
+        while True:
+            ((cursor, keys),) = self._plain([(b"SCAN", cursor, b"MATCH", b"c[0-9]*_[0-9]*",
+                                              b"COUNT", 1000)])
+            keys = [k for k in keys if _CHUNK_KEY.fullmatch(k)]
+            lists = self._plain([(b"LRANGE", k, 0, -1) for k in keys]) if keys else []
+            for key, rows in zip(keys, lists):
+                ino = int(_CHUNK_KEY.fullmatch(key).group(1))
+                for r in rows:
+                    sl = _unpack_slice(r)
+                    if sl.id:
+                        out.add((sl.id, sl.size, ino))
+            if int(cursor) == 0:
+                return out
 
     def pending_deletes(self, limit: int = 1000) -> list[tuple[int, int]]:
         if limit <= 0:

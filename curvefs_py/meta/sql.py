@@ -969,6 +969,11 @@ class SqlEngine(Engine):
 
         return self._txn(fn)
 
+    def scan_slices(self) -> set[tuple[int, int, int]]:
+        rows = self._txn(lambda tx: tx.all("SELECT DISTINCT id, size, ino FROM chunk WHERE id <> 0"),
+                         write=False)
+        return {(int(i), int(s), int(n)) for i, s, n in rows}
+
     def pending_deletes(self, limit: int = 1000) -> list[tuple[int, int]]:
         rows = self._txn(lambda tx: tx.all("SELECT id, size FROM delslices ORDER BY id LIMIT ?", limit),
                          write=False)

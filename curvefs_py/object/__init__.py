@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 from ..errors import QuietError
-from .base import ObjectStore
+from .base import ObjectInfo, ObjectStore
 from .retry import RetryPolicy
 
-__all__ = ["ObjectStore", "RetryPolicy", "open_store", "STORAGES"]
+__all__ = ["ObjectInfo", "ObjectStore", "RetryPolicy", "open_store", "STORAGES"]
 
 STORAGES = ("file", "s3")
 

@@ -10,7 +10,16 @@ plain ``ObjectStoreError`` for everything else after retries.
 from __future__ import annotations
 
 import abc
-from typing import Iterator
+from typing import Iterator, NamedTuple
+
+
+class ObjectInfo(NamedTuple):
+    """One listed object: ``mtime`` is seconds since the epoch of its upload (S3
+    ``LastModified``, the file's mtime), what ``gc`` judges an unnamed object's age by."""
+
+    key: str
+    size: int
+    mtime: float
 
 
 class ObjectStore(abc.ABC):
@@ -34,8 +43,8 @@ class ObjectStore(abc.ABC):
         """Blocking. The object's size; NoSuchKey if missing."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Blocking. (key, size) of every object under ``prefix``, in key order."""
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Blocking. Every object under ``prefix``, in key order."""
 
     def check(self) -> None:
         """Blocking. Prove the store works: put, get and delete a probe object.

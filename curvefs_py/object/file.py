@@ -37,7 +37,7 @@ from typing import Iterator
 
 from .. import metrics
 from ..errors import AccessDenied, NoSuchBucket, NoSuchKey, ObjectStoreError
-from .base import ObjectStore
+from .base import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,13 @@ class FileStore(ObjectStore):
         metrics.observe_us("object_head", (time.perf_counter() - t0) * 1e6)
         return st.st_size
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Blocking. (key, size) of every object whose key starts with ``prefix``, in key order."""
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Blocking. Every object whose key starts with ``prefix``, in key order."""
         base, sep, _ = prefix.rpartition("/")
         start = os.path.join(self.root, *base.split("/")) if base else self.root
         return self._walk(start, base + sep, prefix)
 
-    def _walk(self, dirpath: str, keyprefix: str, prefix: str) -> Iterator[tuple[str, int]]:
+    def _walk(self, dirpath: str, keyprefix: str, prefix: str) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(dirpath) as it:
                 entries = []
@@ -270,4 +270,4 @@ class FileStore(ObjectStore):
                 except FileNotFoundError:
                     continue  # deleted while we walked
                 if stat.S_ISREG(st.st_mode):
-                    yield name, st.st_size
+                    yield ObjectInfo(name, st.st_size, st.st_mtime)

@@ -54,7 +54,7 @@ from botocore.config import Config
 
 from .. import metrics
 from ..errors import AccessDenied, NoSuchBucket, NoSuchKey, ObjectStoreError
-from .base import ObjectStore
+from .base import ObjectInfo, ObjectStore
 from .retry import RetriesExhausted, RetryPolicy, TemporaryFailure, one_line, retry
 
 log = logging.getLogger(__name__)
@@ -257,8 +257,8 @@ class S3Store(ObjectStore):
                           self.policy)
         return int(resp["ContentLength"])
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Blocking. (key, size) of every object under ``prefix`` in key order, page by page."""
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Blocking. Every object under ``prefix`` in key order, page by page."""
         token: Optional[str] = None
         start_after: Optional[str] = None
         while True:
@@ -270,7 +270,9 @@ class S3Store(ObjectStore):
             page = self._call("LIST", prefix, lambda: self._client.list_objects_v2(**kwargs), self.policy)
             contents = page.get("Contents") or []
             for obj in contents:
-                yield obj["Key"], int(obj["Size"])
+                modified = obj.get("LastModified")
+                yield ObjectInfo(obj["Key"], int(obj["Size"]),
+                                 modified.timestamp() if modified is not None else 0.0)
             if not page.get("IsTruncated") or not contents:
                 return
             token = page.get("NextContinuationToken")

@@ -1,0 +1,1 @@
+"""Volume maintenance run from the command line (``gc``, ``fsck``): meta and object together."""
