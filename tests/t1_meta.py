@@ -903,6 +903,34 @@ def test_write_and_read_chunk(engine):
         e.write(f.ino, [(-1, Slice(0, 7, 1, 0, 1))], 1, 1)
 
 
+def test_rewrite_with_expected_version_is_compaction(engine):
+    """``write(..., expect_version=v)``: commits only at version v and, the bytes being
+    the same, leaves data_version, mtime and ctime alone; the old slices are queued."""
+    e = engine
+    st = Store(e)
+    f = mkfile(e, ROOT_INODE, b"f")
+    st.write(f, 0, b"a" * 100)
+    st.write(f, 10, b"b" * 10)
+    before = e.getattr(f)
+    old = {s.id for s in e.read_chunk(f, 0)}
+    content = st.read(f)
+    with raises_errno(errno.EAGAIN):  # a version that is gone: nothing is committed
+        e.write(f, st.slices_for(0, content), 0, 5, expect_version=before.data_version - 1)
+    assert {s.id for s in e.read_chunk(f, 0)} == old
+    [(idx, new)] = st.slices_for(0, content)
+    after = e.write(f, [(idx, new)], 0, 5, expect_version=before.data_version)
+    assert (after.data_version, after.mtime_ns, after.ctime_ns, after.length) == \
+        (before.data_version, before.mtime_ns, before.ctime_ns, before.length)
+    assert e.getattr(f) == after
+    assert [s.id for s in e.read_chunk(f, 0)] == [new.id] and old <= set(pending(e))
+    assert st.read(f) == content
+    # a write moves the version on: a rewrite read before it is refused
+    st.write(f, 0, b"c")
+    with raises_errno(errno.EAGAIN):
+        e.write(f, st.slices_for(0, content), 0, 5, expect_version=before.data_version)
+    assert st.read(f) == b"c" + content[1:]
+
+
 def test_write_many_slices_per_call_and_empty_commit(engine):
     e = engine
     st = Store(e)

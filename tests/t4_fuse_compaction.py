@@ -61,3 +61,59 @@ def test_compaction_never_covers_a_newer_write(mounts):
     for path in (fa, fb):
         with open(path, "rb") as fh:
             assert fh.read() == ref
+
+
+def test_compaction_keeps_the_files_caches(mounts):
+    """A compaction changes where the bytes live, not the bytes: the file keeps its
+    times and data version, so the pages (or passthrough image) of it that another
+    client holds stay valid, and its reopen there reads them without its daemon."""
+    meta = mounts.format("file")
+    a = mounts.mount(meta, "--compact-threshold", "0")  # fragment the file first
+    f = os.path.join(a.path, "frag")
+    ref = bytearray(random.Random(7).randbytes(1 << 20))
+    with open(f, "wb") as fh:
+        fh.write(ref)
+    rnd = random.Random(8)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for _ in range(40):
+            off = rnd.randrange(0, len(ref) - 100)
+            b = rnd.randbytes(100)
+            os.pwrite(fd, b, off)
+            ref[off:off + 100] = b
+            os.fsync(fd)  # one slice per write
+    finally:
+        os.close(fd)
+    a.stop()
+    b = mounts.mount(meta, "--compact-threshold", "0")
+    fb = os.path.join(b.path, "frag")
+    for _ in range(2):  # read, then reopened: B's kernel (or image) holds the file
+        with open(fb, "rb") as fh:
+            assert fh.read() == ref
+    before = os.stat(fb)
+
+    a.options = ["--compact-threshold", "8"]
+    a.start()
+    notes = b.stats().get("vfs_remote_changes", 0)
+    with open(f, "rb") as fh:  # A's daemon reads 41 slices: compaction starts
+        assert fh.read() == ref
+    deadline = time.monotonic() + 10
+    while a.stats().get("compact_chunks", 0) == 0:
+        assert time.monotonic() < deadline, "no compaction"
+        time.sleep(0.1)
+    while b.stats().get("vfs_remote_changes", 0) == notes:  # B heard of it
+        assert time.monotonic() < deadline, "no change note"
+        time.sleep(0.1)
+    time.sleep(1.1)  # past B's attr timeout
+    after = os.stat(fb)
+    assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == \
+        (before.st_mtime_ns, before.st_ctime_ns, before.st_size)
+    reads = b.stats().get("fuse_op_read_count", 0)
+    with open(fb, "rb") as fh:
+        assert fh.read() == ref
+    assert b.stats().get("fuse_op_read_count", 0) == reads, "B's reopen went to its daemon"
+    b.stop()
+    b.cache_dir += "-cold"
+    b.start()  # what the metadata says now, from the object store
+    with open(fb, "rb") as fh:
+        assert fh.read() == ref

@@ -276,9 +276,11 @@ class Engine(abc.ABC):
         used space (ENOSPC over capacity; nothing is committed then).  Slices
         that no longer show through are removed and queued for deletion.
         ENOENT if the inode is gone (then the caller deletes the objects).
-        ``expect_version``: commit only if the inode's data_version still is
-        that (else EAGAIN, nothing committed) — compaction rewrites a chunk's
-        visible bytes as one slice and must not cover a newer write."""
+        ``expect_version``: a rewrite of the visible bytes (compaction: a
+        chunk's bytes as one slice).  Committed only if the inode's data_version
+        still is that (else EAGAIN, nothing committed), so it never covers a
+        newer write; and it leaves data_version, mtime and ctime as they are:
+        the file reads the same, so every cache of its bytes stays valid."""
 
     @abc.abstractmethod
     def scan_slices(self) -> set[tuple[int, int, int]]:

@@ -1331,8 +1331,9 @@ class RedisEngine(Engine):
             if delta:
                 tx.queue(b"INCRBY", USED_SPACE, delta)
             a.length = length
-            a.mtime_ns = a.ctime_ns = mtime_ns
-            a.data_version += 1
+            if expect_version is None:  # a rewrite of the same bytes changes no attribute
+                a.mtime_ns = a.ctime_ns = mtime_ns
+                a.data_version += 1
             tx.save(a)
             return a
 

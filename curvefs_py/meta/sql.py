@@ -962,8 +962,9 @@ class SqlEngine(Engine):
                 self._append_slice(tx, ino, idx, s, fmt.chunk_size)
             self._add_counter(tx, "used_space", delta)
             a.length = length
-            a.mtime_ns = a.ctime_ns = mtime_ns
-            a.data_version += 1
+            if expect_version is None:  # a rewrite of the same bytes changes no attribute
+                a.mtime_ns = a.ctime_ns = mtime_ns
+                a.data_version += 1
             self._save(tx, a)
             return a
 

@@ -8,7 +8,9 @@ commits it with ``Engine.write(..., expect_version=v)``: the commit happens
 only if no write landed since the bytes were read (else EAGAIN and the new
 objects are deleted), so compaction never covers newer data, on any client.
 The new slice hides all the old ones, which the engine's own rule then drops
-and queues for deletion in the same transaction.
+and queues for deletion in the same transaction.  The file reads the same, so
+the commit leaves its data_version and times alone: kernel pages, passthrough
+images and attribute caches of it stay valid, here and on other clients.
 
 Triggers: a commit that added slices to a chunk (counted per chunk, checked
 every ``threshold // 4`` commits), and a read that found a long slice list.
@@ -116,5 +118,5 @@ class Compactor:
             raise
         metrics.inc("compact_chunks")
         metrics.inc("compact_slices_replaced", len(slices))
-        vfs._on_commit(committed)
+        vfs._on_rewrite(committed)
         return True

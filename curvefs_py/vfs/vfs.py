@@ -249,6 +249,16 @@ class VFS:
             self.kernel_versions[ino] = attr.data_version
         self._delete_kick.set()
 
+    def _on_rewrite(self, attr: Attr) -> None:
+        """Our compaction committed: the same bytes under new slices, data_version
+        unmoved.  The kernel's pages, the image and what the pusher knows stay
+        valid; only slice lists are stale (other clients' too: the note)."""
+        self._changed(attr.ino, version=attr.data_version)
+        self._drop_slices(attr.ino)
+        if attr.ino in self.open_attrs:
+            self.open_attrs[attr.ino] = attr
+        self._delete_kick.set()
+
     def _drop_slices(self, ino: int) -> None:
         """Forget the cached slice lists of ``ino`` (its chunks changed or may have);
         a fetch already running is not cached when it returns (_get_slices)."""
