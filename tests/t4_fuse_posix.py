@@ -246,6 +246,31 @@ def test_xattrs(volume):
     expect_errno(errno.ENODATA, os.getxattr, f, "user.k")
 
 
+def test_a_write_strips_file_capabilities(volume):
+    """The kernel asks for security.capability before each write (to strip it, as a
+    write to a setuid file strips the bit).  The daemon answers a new file's "none"
+    without the metadata, but never once a capability is set."""
+    f = p(volume, "cap")
+    s0 = volume.stats()
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o755)
+    try:
+        for _ in range(3):
+            os.write(fd, b"x" * 4096)
+    finally:
+        os.close(fd)
+    s1 = volume.stats()
+    asked, cached = (s1.get(k, 0) - s0.get(k, 0) for k in ("fuse_op_getxattr_count", "vfs_xattr_caps_cached"))
+    assert asked >= 1 and cached == asked, (asked, cached)
+    # VFS_CAP_REVISION_2 with the effective flag, permitted = CAP_NET_BIND_SERVICE
+    caps = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
+    os.setxattr(f, "security.capability", caps)
+    assert os.getxattr(f, "security.capability") == caps
+    with open(f, "r+b") as fh:
+        fh.write(b"y")
+    expect_errno(errno.ENODATA, os.getxattr, f, "security.capability")
+    assert read(f)[:2] == b"yx"
+
+
 def test_statfs(volume):
     write(p(volume, "s"), b"x" * 100000)
     st = os.statvfs(volume.path)

@@ -209,7 +209,11 @@ def test_metadata_outage_is_eio_and_the_mount_carries_on(mounts, tmp_path):
         path = os.path.join(m.path, "f")
         with open(path, "wb") as f:
             f.write(b"before")
-        fd = os.open(path, os.O_RDONLY)
+        gone = os.path.join(m.path, "gone")
+        with open(gone, "wb") as f:
+            f.write(b"open and unlinked")
+        fd = os.open(gone, os.O_RDONLY)
+        os.unlink(gone)  # its last close has work in the metadata
         srv.kill()
         with pytest.raises(OSError) as e:
             os.mkdir(os.path.join(m.path, "during"))

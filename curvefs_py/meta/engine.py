@@ -84,6 +84,16 @@ class Engine(abc.ABC):
     #: set by ``new_session``; sustained inodes and heartbeats belong to it
     sid: int = 0
 
+    def __init__(self) -> None:
+        #: inodes this engine's session may sustain (an unlink or a rename took
+        #: their last link while they were open here; ``sustained`` below): the
+        #: only ones whose last close has work in the database
+        self._sustaining: set[int] = set()
+
+    def sustained(self, ino: int) -> None:
+        """For implementations: ``ino`` is now sustained by this session."""
+        self._sustaining.add(ino)
+
     # ------------------------------------------------------------ lifecycle
     @abc.abstractmethod
     def init(self, fmt: Format, force: bool = False) -> None:
@@ -297,12 +307,18 @@ class Engine(abc.ABC):
     def done_deletes(self, ids: Iterable[int]) -> None:
         """Blocking. Forget pending deletes whose objects are gone."""
 
-    @abc.abstractmethod
     def release_sustained(self, ino: int) -> None:
         """Blocking. The last local handle of ``ino`` closed: stop sustaining
-        it; if its nlink is 0 queue its slices and remove the inode."""
+        it; if its nlink is 0 queue its slices and remove the inode.  Nothing to
+        do (no transaction) for an inode this session never sustained."""
+        if ino in self._sustaining:
+            self.do_release_sustained(ino)
+            self._sustaining.discard(ino)
 
     # -------------------------------------------- implementation hooks
+    @abc.abstractmethod
+    def do_release_sustained(self, ino: int) -> None: ...
+
     @abc.abstractmethod
     def do_lookup(self, parent: int, name: bytes) -> Attr: ...
 

@@ -556,6 +556,7 @@ class RedisEngine(Engine):
     """The metadata engine for ``redis://`` and ``rediss://`` URLs (module docstring)."""
 
     def __init__(self, url: str):
+        super().__init__()
         self.description = parse_url(url)
         try:
             self._pool = redis.ConnectionPool.from_url(
@@ -791,6 +792,7 @@ class RedisEngine(Engine):
             tx.holders(a.ino).add(tx.sid)
             tx.queue(b"SADD", _sustained(tx.sid), a.ino)
             tx.queue(b"SADD", _holders(a.ino), tx.sid)
+            self.sustained(a.ino)
         else:
             self._delete_inode(tx, a)
         return a
@@ -1372,6 +1374,6 @@ class RedisEngine(Engine):
         if cmds:
             self._atomic(cmds)
 
-    def release_sustained(self, ino: int) -> None:
+    def do_release_sustained(self, ino: int) -> None:
         sid = self.sid
         self._txn(lambda tx: self._release(tx, sid, ino), lock=ino)

@@ -178,6 +178,7 @@ class SqlEngine(Engine):
     """The metadata engine over a SQL database (see the module docstring)."""
 
     def __init__(self, dialect: Dialect):
+        super().__init__()
         self.dialect = dialect
         self._pool: list[Any] = []
         self._all_conns: list[Any] = []
@@ -354,6 +355,7 @@ class SqlEngine(Engine):
             self._save(tx, a)
             tx.run("INSERT INTO sustained (sid, ino) VALUES (?, ?) ON CONFLICT (sid, ino) DO NOTHING",
                    self.sid, a.ino)
+            self.sustained(a.ino)
         else:
             self._delete_inode(tx, a)
         return a
@@ -985,7 +987,7 @@ class SqlEngine(Engine):
         if ids:
             self._txn(lambda tx: tx.many("DELETE FROM delslices WHERE id = ?", ids))
 
-    def release_sustained(self, ino: int) -> None:
+    def do_release_sustained(self, ino: int) -> None:
         sid = self.sid
 
         def fn(tx: Txn) -> None:

@@ -560,6 +560,7 @@ class VFS:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Attr]:
         attr = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        self._note_no_caps(attr.ino)  # a new file has no xattrs: its writes need not ask
         h = self.handles.new(attr.ino, flags)
         self._remember(parent, name, attr.ino)
         self.open_attrs[attr.ino] = attr
@@ -735,10 +736,14 @@ class VFS:
             return await self._meta(self.engine.getxattr, ino, name)
         except FsError as exc:
             if caps and exc.errno == errno.ENODATA:
-                if len(self._no_caps) > 100_000:
-                    self._no_caps.clear()
-                self._no_caps.add(ino)
+                self._note_no_caps(ino)
             raise
+
+    def _note_no_caps(self, ino: int) -> None:
+        """``ino`` has no security.capability: the kernel asks before every write."""
+        if len(self._no_caps) > 100_000:
+            self._no_caps.clear()
+        self._no_caps.add(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self._check_writable()
