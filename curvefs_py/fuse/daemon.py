@@ -171,13 +171,28 @@ def serve(opts: MountOptions) -> int:
         finally:
             engine.close()
             store.close()
+        log.info("unmounted %s", mp)
         if not opts.no_bpf:  # unmounted within seconds of mounting: a compile may still run
             from ..kernel.loader import wait_for_loads
 
-            if not wait_for_loads(60):
-                log.warning("exiting while the BPF programs still compile")
-        log.info("unmounted %s", mp)
+            if not wait_for_loads(0):
+                _exit_under_compile()
     return 0
+
+
+def _exit_under_compile() -> None:
+    """Exit now, with the BPF compile still running in its thread.  Everything of
+    the mount is done (unmounted, flushed, session closed); waiting would hold
+    `curvefs umount` for the seconds of the compile, and the interpreter's exit-time
+    teardown would race clang's (BCC then prints "missing bcc/helpers.h").  So no
+    teardown: flush the logs and leave; the kernel frees the half-loaded programs."""
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 async def _load_bpf(vfs, mp: str) -> None:
