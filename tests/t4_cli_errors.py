@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -217,6 +218,15 @@ def test_mount_bad_option_values(tmp_path, file_volume):
     mp.mkdir()
     fails(mount_args(file_volume, mp, tmp_path, "--cache-size", "huge"), 3, contains="size")
     fails(mount_args(file_volume, mp, tmp_path, "--io-timeout", "0"), 3, contains="io-timeout")
+    fails(mount_args(file_volume, mp, tmp_path, "--metrics", "9567"), 3, contains="HOST:PORT")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for extra in ([], ["-d"]):
+            fails(mount_args(file_volume, mp, tmp_path, "--metrics", f"127.0.0.1:{port}", *extra), 3,
+                  contains="in use")
+    assert not is_mounted(str(mp))
     rc, err, _ = run(*mount_args(file_volume, mp, tmp_path, "--attr-timeout", "soon"))
     assert rc == 2 and "Traceback" not in err  # argparse: usage + one error line
 

@@ -9,11 +9,14 @@ import json
 import os
 import random
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from curvefs_py.fuse.mountinfo import mount_device
 from mounthelper import cli
+import servers
 
 MiB = 1 << 20
 
@@ -299,6 +302,61 @@ def test_stats_json_has_every_field(mounts):
     # the live view runs and prints one line per interval
     r = cli("stats", m.path, "--interval", "0.2", "--count", "2", "--top", "3")
     assert r.stdout.count("\n") >= 4
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_prometheus_metrics_endpoint(mounts):
+    """``--metrics HOST:PORT`` serves the counters of ``stats`` for Prometheus, labelled
+    with the volume and the mount point; latencies as cumulative histograms."""
+    port = servers.free_port()
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--metrics", f"127.0.0.1:{port}")
+    wait_bpf(m)
+    make_file(os.path.join(m.path, "x"), MiB)
+    for _ in range(5):
+        os.stat(os.path.join(m.path, "x"))
+    status, ctype, text = scrape(port)
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4"), (status, ctype)
+    got = samples(text)
+    lab = f'mountpoint="{m.path}",volume="vol"'
+    stats = m.stats()
+    for name in ("object_put_bytes", "cache_mem_blocks", "kernel_bpf_available"):
+        assert got[f"curvefs_{name}{{{lab}}}"] == stats[name] > 0, name
+    # a latency histogram: cumulative buckets in seconds, +Inf = count, sum in seconds
+    h = "curvefs_fuse_op_write_seconds"
+    assert f"# TYPE {h} histogram" in text
+    buckets = [(float(k.split('le="')[1].rstrip('"}')), v) for k, v in got.items()
+               if k.startswith(h + "_bucket")]
+    assert [b for b, _ in buckets] == sorted(b for b, _ in buckets) and buckets[-1][0] == float("inf")
+    assert all(v1 <= v2 for (_, v1), (_, v2) in zip(buckets, buckets[1:]))
+    assert buckets[-1][1] == got[f"{h}_count{{{lab}}}"] == stats["fuse_op_write_count"]
+    assert 0 < got[f"{h}_sum{{{lab}}}"] == pytest.approx(stats["fuse_op_write_us_sum"] / 1e6)
+    assert not [k for k in got if "_us_" in k]  # the raw slots are not exported twice
+    # the BPF maps' round trips per opcode, as one histogram labelled op
+    kb = f'curvefs_kernel_fuse_latency_seconds_count{{{lab},op="WRITE"}}'
+    assert got[kb] >= 1, sorted(k for k in got if "kernel_fuse_latency" in k)[:5]
+    assert scrape(port, "/other")[0] == 404
+    assert samples(scrape(port)[2])[f"curvefs_metrics_scrapes{{{lab}}}"] >= 2
+    m.stop()
+    with pytest.raises(OSError):  # the exporter goes with the mount
+        scrape(port)
 
 
 def test_bpf_unavailable_gives_reason(mounts):

@@ -39,6 +39,9 @@ def register(sub) -> None:
                         "(default: a quarter of RAM, at most --image-cache-size; 0: off)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
+    p.add_argument("--metrics", default="", metavar="HOST:PORT",
+                   help="serve the counters of `curvefs stats` for Prometheus at http://HOST:PORT/metrics "
+                        "(e.g. 127.0.0.1:9567; default: off)")
     p.add_argument("--kernel-observe", choices=("on-demand", "always"), default="on-demand",
                    help="when the per-read and per-stat eBPF observers (kernel read calls, stat calls) are "
                         "attached: while `curvefs stats` runs (default; they cost every read ~280 ns and "
@@ -58,6 +61,10 @@ def _options(args) -> MountOptions:
     check_meta_url(args.meta_url)
     if not args.io_timeout > 0:
         raise QuietError("--io-timeout must be a positive number of seconds", 3)
+    if args.metrics:
+        from ..exporter import parse_address
+
+        parse_address(args.metrics)
     return MountOptions(
         meta_url=args.meta_url, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
         cache_size=parse_size(args.cache_size), mem_cache_size=parse_size(args.mem_cache_size),
@@ -67,6 +74,7 @@ def _options(args) -> MountOptions:
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
         extra={"compact_threshold": args.compact_threshold, "kernel_observe": args.kernel_observe,
+               "metrics": args.metrics,
                "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
                "image_cache_size": parse_size(args.image_cache_size or args.cache_size),
                **({} if args.image_hold is None else {"image_hold": parse_size(args.image_hold)})})

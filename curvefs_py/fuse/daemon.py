@@ -91,6 +91,11 @@ def serve(opts: MountOptions) -> int:
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     mp = check_mountpoint(opts.mountpoint)
+    metrics_sock = None
+    if opts.extra.get("metrics"):
+        from ..exporter import bind
+
+        metrics_sock = bind(opts.extra["metrics"])  # before the mount: a busy port is one line
     engine = open_engine(opts.meta_url)
     try:
         fmt = engine.load()
@@ -156,7 +161,8 @@ def serve(opts: MountOptions) -> int:
     vfs.options["kernel_readahead"] = opts.readahead or 4 * fmt.block_size
     state = {"signalled": False}
     try:
-        trio.run(_run, vfs, chunks, state, None if opts.no_bpf else mp)
+        exporter = None if metrics_sock is None else (metrics_sock, {"volume": fmt.name, "mountpoint": mp})
+        trio.run(_run, vfs, chunks, state, None if opts.no_bpf else mp, exporter)
     finally:
         try:
             pyfuse3.close(unmount=state["signalled"])
@@ -223,12 +229,16 @@ async def _load_bpf(vfs, mp: str) -> None:
         log.info("eBPF counters unavailable: %s", probe.reason)
 
 
-async def _run(vfs, chunks, state, bpf_mountpoint) -> None:
+async def _run(vfs, chunks, state, bpf_mountpoint, exporter=None) -> None:
     import pyfuse3
 
     threads.reset()
     probe_holder = vfs
     async with trio.open_nursery() as nursery:
+        if exporter is not None:
+            from .. import exporter as prometheus
+
+            nursery.start_soon(prometheus.serve, *exporter, name="metrics-exporter")
         if bpf_mountpoint:
             nursery.start_soon(_load_bpf, vfs, bpf_mountpoint, name="bpf-loader")
         else:
