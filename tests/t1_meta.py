@@ -919,13 +919,19 @@ def test_rewrite_with_expected_version_is_compaction(engine):
     with raises_errno(errno.EAGAIN):  # a version that is gone: nothing is committed
         e.write(f, st.slices_for(0, content), 0, 5, expect_version=before.data_version - 1)
     assert {s.id for s in e.read_chunk(f, 0)} == old
+    rows = e.read_chunk(f, 0)
     [(idx, new)] = st.slices_for(0, content)
-    after = e.write(f, [(idx, new)], 0, 5, expect_version=before.data_version)
+    after = e.write(f, [(idx, new)], 0, 5, expect_version=before.data_version, expect_rows=rows)
     assert (after.data_version, after.mtime_ns, after.ctime_ns, after.length) == \
         (before.data_version, before.mtime_ns, before.ctime_ns, before.length)
     assert e.getattr(f) == after
     assert [s.id for s in e.read_chunk(f, 0)] == [new.id] and old <= set(pending(e))
     assert st.read(f) == content
+    # a second rewrite of the rows read before the first (another client's compaction):
+    # the version has not moved, the rows have
+    with raises_errno(errno.EAGAIN):
+        e.write(f, st.slices_for(0, content), 0, 5, expect_version=before.data_version, expect_rows=rows)
+    assert [s.id for s in e.read_chunk(f, 0)] == [new.id]
     # a write moves the version on: a rewrite read before it is refused
     st.write(f, 0, b"c")
     with raises_errno(errno.EAGAIN):
@@ -1632,6 +1638,22 @@ def test_postgres_serialization_failures_are_retried_and_counted(engines, meta_u
 def redis_only(meta_url):
     if not meta_url.startswith("redis"):
         pytest.skip("Redis-specific")
+
+
+def test_redis_scan_slices_pages_through_the_keyspace(engine, meta_url):
+    """scan_slices walks SCAN's cursor to its end (each step a few keys here), skipping
+    keys that only look like chunk lists."""
+    redis_only(meta_url)
+    e = engine
+    st = Store(e)
+    want = set()
+    for i in range(60):
+        f = mkfile(e, ROOT_INODE, b"f%d" % i)
+        st.write(f, i * CS, b"x" * (i + 1))  # chunk i: its own c{ino}_{i} key
+        want |= {(s.id, s.size, f) for s in e.read_chunk(f, i)}
+    e._plain([(b"SET", b"c7_1x", b"matches the SCAN pattern, not a chunk list")])
+    e.scan_count = 5
+    assert e.scan_slices() == want and len(want) == 60
 
 
 def test_redis_urls():

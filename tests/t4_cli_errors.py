@@ -219,6 +219,8 @@ def test_mount_bad_option_values(tmp_path, file_volume):
     fails(mount_args(file_volume, mp, tmp_path, "--cache-size", "huge"), 3, contains="size")
     fails(mount_args(file_volume, mp, tmp_path, "--io-timeout", "0"), 3, contains="io-timeout")
     fails(mount_args(file_volume, mp, tmp_path, "--metrics", "9567"), 3, contains="HOST:PORT")
+    for bad in ("0", "nan", "1e9"):
+        fails(mount_args(file_volume, mp, tmp_path, "--flush-interval", bad), 3, contains="flush-interval")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -268,5 +270,6 @@ def test_gc_fsck_when_s3_is_gone(tmp_path, cmd):
 
 
 def test_gc_bad_options(file_volume):
-    fails(["gc", file_volume, "--min-age", "-1"], 3, contains="min-age")
+    for bad in ("-1", "nan", "inf"):  # nan would turn the age check off
+        fails(["gc", file_volume, "--min-age", bad], 3, contains="min-age")
     fails(["gc", file_volume, "--threads", "0"], 3, contains="threads")

@@ -1,9 +1,12 @@
 """Compaction through a real mount: fragmented chunks are rewritten, data never changes."""
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import time
+
+import volinspect
 
 
 def test_random_small_writes_get_compacted(mounts):
@@ -63,13 +66,8 @@ def test_compaction_never_covers_a_newer_write(mounts):
             assert fh.read() == ref
 
 
-def test_compaction_keeps_the_files_caches(mounts):
-    """A compaction changes where the bytes live, not the bytes: the file keeps its
-    times and data version, so the pages (or passthrough image) of it that another
-    client holds stay valid, and its reopen there reads them without its daemon."""
-    meta = mounts.format("file")
-    a = mounts.mount(meta, "--compact-threshold", "0")  # fragment the file first
-    f = os.path.join(a.path, "frag")
+def fragmented_file(f: str) -> bytearray:
+    """A 1 MiB file of 41 slices (a mount with --compact-threshold 0 leaves them)."""
     ref = bytearray(random.Random(7).randbytes(1 << 20))
     with open(f, "wb") as fh:
         fh.write(ref)
@@ -84,6 +82,35 @@ def test_compaction_keeps_the_files_caches(mounts):
             os.fsync(fd)  # one slice per write
     finally:
         os.close(fd)
+    return ref
+
+
+def compact_on(a, f: str, ref: bytes, others=()) -> None:
+    """Start ``a`` with compaction on, read ``f`` there (its daemon sees the long slice
+    list and compacts), and wait for the compaction and for each other mount's note."""
+    a.options = ["--compact-threshold", "8"]
+    a.start()
+    notes = [o.stats().get("vfs_remote_changes", 0) for o in others]
+    with open(f, "rb") as fh:
+        assert fh.read() == ref
+    deadline = time.monotonic() + 10
+    while a.stats().get("compact_chunks", 0) == 0:
+        assert time.monotonic() < deadline, "no compaction"
+        time.sleep(0.1)
+    for o, n in zip(others, notes):
+        while o.stats().get("vfs_remote_changes", 0) == n:
+            assert time.monotonic() < deadline, "no change note"
+            time.sleep(0.1)
+
+
+def test_compaction_keeps_the_files_caches(mounts):
+    """A compaction changes where the bytes live, not the bytes: the file keeps its
+    times and data version, so the pages (or passthrough image) of it that another
+    client holds stay valid, and its reopen there reads them without its daemon."""
+    meta = mounts.format("file")
+    a = mounts.mount(meta, "--compact-threshold", "0")
+    f = os.path.join(a.path, "frag")
+    ref = fragmented_file(f)
     a.stop()
     b = mounts.mount(meta, "--compact-threshold", "0")
     fb = os.path.join(b.path, "frag")
@@ -92,18 +119,7 @@ def test_compaction_keeps_the_files_caches(mounts):
             assert fh.read() == ref
     before = os.stat(fb)
 
-    a.options = ["--compact-threshold", "8"]
-    a.start()
-    notes = b.stats().get("vfs_remote_changes", 0)
-    with open(f, "rb") as fh:  # A's daemon reads 41 slices: compaction starts
-        assert fh.read() == ref
-    deadline = time.monotonic() + 10
-    while a.stats().get("compact_chunks", 0) == 0:
-        assert time.monotonic() < deadline, "no compaction"
-        time.sleep(0.1)
-    while b.stats().get("vfs_remote_changes", 0) == notes:  # B heard of it
-        assert time.monotonic() < deadline, "no change note"
-        time.sleep(0.1)
+    compact_on(a, f, ref, [b])
     time.sleep(1.1)  # past B's attr timeout
     after = os.stat(fb)
     assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == \
@@ -117,3 +133,37 @@ def test_compaction_keeps_the_files_caches(mounts):
     b.start()  # what the metadata says now, from the object store
     with open(fb, "rb") as fh:
         assert fh.read() == ref
+
+
+def direct_pread(fd: int, off: int, n: int) -> bytes:
+    buf = mmap.mmap(-1, n)  # page-aligned, as O_DIRECT wants
+    got = os.preadv(fd, [buf], off)
+    return bytes(buf[:got])
+
+
+def test_an_open_reader_elsewhere_reads_on_through_a_compaction(mounts):
+    """B has the file open (its slice list cached, few blocks fetched) while A compacts
+    it and deletes the old slices' objects: B's next READs find the new slice (the note
+    dropped B's list), not a missing object (that would be damage: failsafe)."""
+    meta = mounts.format("file")
+    a = mounts.mount(meta, "--compact-threshold", "0")
+    f = os.path.join(a.path, "frag")
+    ref = fragmented_file(f)
+    a.stop()
+    # no pushing, no images, O_DIRECT: B's daemon fetches only the blocks asked for
+    b = mounts.mount(meta, "--compact-threshold", "0", "--no-passthrough", "--kernel-cache-budget", "0")
+    fd = os.open(os.path.join(b.path, "frag"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert direct_pread(fd, 0, 4096) == ref[:4096]
+        compact_on(a, f, ref, [b])
+        deadline = time.monotonic() + 10
+        while volinspect.object_keys(meta) != volinspect.live_keys(meta):  # old objects gone
+            assert time.monotonic() < deadline, "the hidden slices were not deleted"
+            time.sleep(0.1)
+        for off in range(0, len(ref), 64 << 10):
+            assert direct_pread(fd, off, 64 << 10) == ref[off:off + (64 << 10)], off
+    finally:
+        os.close(fd)
+    assert b.stats().get("vfs_stale_slice_retries", 0) == 0
+    with open(os.path.join(b.path, "still-writable"), "wb") as fh:  # not in failsafe
+        fh.write(b"ok")

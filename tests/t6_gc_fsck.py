@@ -7,9 +7,12 @@ and the metadata engine (STYLE §6.3 rule 9).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -94,29 +97,109 @@ def test_gc_deletes_old_leaks_and_spares_young_ones(mounts):
     assert fsck(meta)[0] == 0  # also while mounted
 
 
-def test_gc_keeps_a_leak_whose_commit_arrives_meanwhile(mounts):
-    """The upload-then-commit order seen by gc: an object no chunk names yet is a leak
-    candidate; if its slice is committed before the deletes start, it is kept."""
+@contextlib.contextmanager
+def offline_volume(mounts):
+    """A new volume's (meta URL, engine, store, Format), nothing mounted: the other
+    clients of these tests are simulated through the engine and the bucket."""
     meta = mounts.format("file")
     engine = open_engine(meta)
     store = volinspect.open_volume_store(meta)
     try:
-        fmt = engine.load()
+        yield meta, engine, store, engine.load()
+    finally:
+        store.close()
+        engine.close()
+
+
+def uploaded(meta, engine, store, content: bytes, age: float) -> Slice:
+    """A new slice of ``content``, its object uploaded ``age`` seconds ago, not committed."""
+    sid = engine.next_slice_id()
+    store.put(block_key(sid, 0, len(content)), content)
+    backdate(meta, block_key(sid, 0, len(content)), age)
+    return Slice(0, sid, len(content), 0, len(content))
+
+
+def test_gc_keeps_a_leak_whose_commit_arrives_meanwhile(mounts):
+    """The upload-then-commit order seen by gc: an object no chunk names yet is a leak
+    candidate; if its slice is committed before the deletes start, it is kept."""
+    with offline_volume(mounts) as (meta, engine, store, fmt):
         ino = engine.mknod(1, b"late", 0o100644, 0, 0).ino
-        sid = engine.next_slice_id()
-        key = block_key(sid, 0, 10)
-        store.put(key, b"0123456789")
-        backdate(meta, key, 60)
+        late = uploaded(meta, engine, store, b"0123456789", 60)
+        key = block_key(late.id, 0, 10)
         a = audit(engine, store, fmt.block_size, min_age=30)
         assert [o.key for o in a.leaked] == [key]
-        engine.write(ino, [(0, Slice(0, sid, 10, 0, 10))], 10, time.time_ns())  # the commit
+        engine.write(ino, [(0, late)], 10, time.time_ns())  # the commit
         assert collect(engine, store, fmt.block_size, a.leaked) == (0, 0, 1)
         assert store.get(key) == b"0123456789"
         a = audit(engine, store, fmt.block_size, min_age=0)
         assert (a.leaked, a.broken, a.named, a.files) == ([], {}, 1, 1)
+
+
+def test_gc_leaves_the_delete_queue_to_the_clients(mounts):
+    """Objects of slices in the delete queue are the mounted clients' to delete: gc
+    neither counts them as leaks nor deletes them, also when a slice moves into the
+    queue between the listing and the deletes."""
+    with offline_volume(mounts) as (meta, engine, store, fmt):
+        ino = engine.mknod(1, b"f", 0o100644, 0, 0).ino
+        old, new = (uploaded(meta, engine, store, c, 7200) for c in (b"old", b"new"))
+        engine.write(ino, [(0, old)], 3, time.time_ns())
+        engine.write(ino, [(0, new)], 3, time.time_ns())  # hides old: queued
+        assert dict(engine.pending_deletes()) == {old.id: 3}
+        late = uploaded(meta, engine, store, b"late", 7200)  # not yet committed: a leak candidate
+        a = audit(engine, store, fmt.block_size, min_age=60)
+        assert (a.queued, a.queued_slices, [o.key for o in a.leaked]) == (1, 1, [block_key(late.id, 0, 4)])
+        engine.write(ino, [(0, late)], 4, time.time_ns())  # its commit comes late...
+        engine.write(ino, [(0, uploaded(meta, engine, store, b"last", 0))], 4, time.time_ns())  # ...hidden
+        assert late.id in dict(engine.pending_deletes())
+        assert collect(engine, store, fmt.block_size, a.leaked) == (0, 0, 1)
+        for sl in (old, late):
+            assert store.get(block_key(sl.id, 0, sl.size))  # still there for the deleters
+
+
+WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, bytes(range(256)) * (6 << 12))  # 6 MiB: a full block uploaded, 2 MiB buffered
+print("written", flush=True)
+sys.stdin.readline()  # kept open, written no more, until told
+os.write(fd, b"tail")
+os.close(fd)
+"""
+
+
+def test_writes_of_a_file_kept_open_are_committed_so_gc_spares_them(mounts):
+    """A file written and kept open: its uploaded block is committed within the flush
+    interval, not at the close, so gc never finds it unnamed, however old it is."""
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--flush-interval", "1")
+    path = os.path.join(m.path, "log")
+    w = subprocess.Popen([sys.executable, "-c", WRITER, path], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert w.stdout.readline() == "written\n"
+        ino = os.stat(path).st_ino
+        deadline = time.monotonic() + 10
+        while len(volinspect.file_keys(meta, ino)) < 2:  # the block and the 2 MiB rest
+            assert time.monotonic() < deadline, "the writes of the open file were not committed"
+            time.sleep(0.2)
+        assert m.stats().get("vfs_idle_commits", 0) >= 1
+        keys = volinspect.file_keys(meta, ino)
+        for key in keys:
+            backdate(meta, key, 2 * 3600)  # as if the file had been open for hours
+        r = gc(meta, "--delete")
+        assert (r["leaked"], r["deleted"], r["named"]) == (0, 0, 2), r
+        w.stdin.write("\n")
+        w.stdin.flush()
+        assert w.wait(30) == 0
     finally:
-        store.close()
-        engine.close()
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    m.cache_dir += "-cold"
+    m.stop()
+    m.start()
+    assert read_cold(path) == bytes(range(256)) * (6 << 12) + b"tail"
+    assert fsck(meta)[0] == 0
 
 
 @pytest.mark.parametrize("storage", ["file", "s3"])

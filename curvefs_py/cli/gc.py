@@ -42,20 +42,22 @@ def _progress(quiet: bool):
 def run(args) -> int:
     from ..maint.audit import audit, collect
 
-    if args.min_age < 0:
-        raise QuietError("--min-age must be >= 0", 3)
+    if not 0 <= args.min_age < float("inf"):  # also refuses nan, which would disable the age check
+        raise QuietError("--min-age must be a number of seconds >= 0", 3)
     if args.threads < 1:
         raise QuietError("--threads must be >= 1", 3)
     progress = _progress(args.json)
-    with open_volume_and_store(args.meta_url) as (engine, fmt, store):
-        t0 = time.monotonic()
-        a = audit(engine, store, fmt.block_size, args.min_age, progress)
-        took = time.monotonic() - t0
-        deleted = deleted_bytes = kept = 0
-        if args.delete and a.leaked:
-            deleted, deleted_bytes, kept = collect(engine, store, fmt.block_size, a.leaked, args.threads)
-    if progress:
-        print(file=sys.stderr)
+    try:
+        with open_volume_and_store(args.meta_url) as (engine, fmt, store):
+            t0 = time.monotonic()
+            a = audit(engine, store, fmt.block_size, args.min_age, progress)
+            took = time.monotonic() - t0
+            deleted = deleted_bytes = kept = 0
+            if args.delete and a.leaked:
+                deleted, deleted_bytes, kept = collect(engine, store, fmt.block_size, a.leaked, args.threads)
+    finally:
+        if progress:
+            print(file=sys.stderr)  # end the progress line (before an error's line too)
     broken_blocks = sum(len(v) for v in a.broken.values())
     if args.json:
         print(json.dumps({

@@ -37,6 +37,9 @@ def register(sub) -> None:
                         "proactive reclaim of idle page cache (DAMON pageout filtered to unmapped pages) leaves them "
                         "resident; the kernel still reclaims them under memory pressure "
                         "(default: a quarter of RAM, at most --image-cache-size; 0: off)")
+    p.add_argument("--flush-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="commit the writes of a file kept open at least this often, so other clients see "
+                        "them and gc never takes their objects for leaks (default 10)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--metrics", default="", metavar="HOST:PORT",
@@ -61,6 +64,8 @@ def _options(args) -> MountOptions:
     check_meta_url(args.meta_url)
     if not args.io_timeout > 0:
         raise QuietError("--io-timeout must be a positive number of seconds", 3)
+    if not 0 < args.flush_interval <= 3600:
+        raise QuietError("--flush-interval must be between 0 and 3600 seconds", 3)
     if args.metrics:
         from ..exporter import parse_address
 
@@ -74,7 +79,7 @@ def _options(args) -> MountOptions:
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
         extra={"compact_threshold": args.compact_threshold, "kernel_observe": args.kernel_observe,
-               "metrics": args.metrics,
+               "metrics": args.metrics, "flush_interval": args.flush_interval,
                "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
                "image_cache_size": parse_size(args.image_cache_size or args.cache_size),
                **({} if args.image_hold is None else {"image_hold": parse_size(args.image_hold)})})

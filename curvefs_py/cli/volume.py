@@ -28,9 +28,10 @@ def open_volume(meta_url: str):
         raise
 
 
-#: Offline commands give up on an unreachable object store within this many seconds,
-#: before the retry log turns to warnings (object/retry.py WARN_AFTER_S): they are
-#: idempotent, so running them again after an outage is the cure.
+#: Offline commands give up retrying an unreachable object store after this many
+#: seconds, before the retry log turns to warnings (object/retry.py WARN_AFTER_S):
+#: they are idempotent, so running them again after an outage is the cure.  (One
+#: slow response may still take the store's read timeout.)
 OFFLINE_DEADLINE_S = 5.0
 
 
@@ -40,8 +41,7 @@ def open_volume_store(fmt):
 
     try:
         return open_store(fmt.storage, fmt.bucket, fmt.access_key, fmt.secret_key, fmt.region,
-                          retry_policy=RetryPolicy(deadline=OFFLINE_DEADLINE_S),
-                          read_timeout=OFFLINE_DEADLINE_S)
+                          retry_policy=RetryPolicy(deadline=OFFLINE_DEADLINE_S))
     except ObjectStoreError as exc:
         raise QuietError(f"object storage: {exc}", 4) from None
 

@@ -7,7 +7,10 @@ by hand, a lost S3 object); ``fsck`` names the files it breaks.
 
 Safety against the clients that stay mounted meanwhile (JuiceFS ``gc`` does the same):
 - An object that no chunk names may be an upload whose commit is on its way: only
-  objects older than ``min_age`` (by their upload time) count as leaked.
+  objects older than ``min_age`` (by their upload time) count as leaked.  A mounted
+  client commits what it uploaded within seconds, also for a file kept open and
+  written for hours (``mount --flush-interval``, 10 s), unless the metadata engine
+  is unreachable for that long: ``min_age`` (1 h) must outlast such an outage.
 - Just before deleting, the metadata is read again and every leak that a chunk or the
   delete queue now names is kept.  A slice queued for deletion is left to the
   mounted clients' background deleters.
@@ -20,6 +23,7 @@ Everything here is blocking (a command-line tool, not the daemon).
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import re
 import time
 from dataclasses import dataclass, field
@@ -102,7 +106,7 @@ def audit(engine: Engine, store: ObjectStore, block_size: int, min_age: float = 
             a.queued += 1
         elif not _BLOCK_KEY.fullmatch(obj.key):
             a.foreign += 1
-        elif obj.mtime > started - min_age:
+        elif obj.mtime <= 0 or obj.mtime > started - min_age:  # (no upload time: unknown age)
             a.young += 1
         else:
             a.leaked.append(obj)
@@ -136,10 +140,12 @@ def _confirm_broken(engine: Engine, store: ObjectStore, block_size: int,
 
     keys = [k for k in suspects if k in still]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for key, problem in zip(keys, pool.map(check, keys)):
-            if problem is not None:
-                for ino in sorted(still[key]):
-                    broken.setdefault(ino, []).append((key, problem))
+        problems = {k: p for k, p in zip(keys, pool.map(check, keys)) if p is not None}
+    if problems:  # a slice deleted between the second read and the HEAD is no damage
+        still = _named_keys(engine.scan_slices(), block_size)
+    for key, problem in problems.items():
+        for ino in sorted(still.get(key, ())):
+            broken.setdefault(ino, []).append((key, problem))
     return broken
 
 
@@ -167,8 +173,10 @@ def paths_of(engine: Engine, inos: Iterable[int]) -> dict[int, str]:
         ino, path = todo.pop()
         try:
             entries = engine.readdir(ino)
-        except FsError:
-            continue  # removed while we walk
+        except FsError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue  # removed while we walk
+            raise
         for e in entries:
             if e.name in (b".", b".."):
                 continue

@@ -279,7 +279,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def write(self, ino: int, slices: list[tuple[int, Slice]], min_length: int,
-              mtime_ns: int, expect_version: Optional[int] = None) -> Attr:
+              mtime_ns: int, expect_version: Optional[int] = None,
+              expect_rows: Optional[list[Slice]] = None) -> Attr:
         """Blocking. Commit written slices ``[(chunk_idx, slice), ...]`` in one
         transaction: append each to its chunk, set length = max(length,
         min_length), mtime = ctime = ``mtime_ns``, bump data_version, update
@@ -290,7 +291,10 @@ class Engine(abc.ABC):
         chunk's bytes as one slice).  Committed only if the inode's data_version
         still is that (else EAGAIN, nothing committed), so it never covers a
         newer write; and it leaves data_version, mtime and ctime as they are:
-        the file reads the same, so every cache of its bytes stays valid."""
+        the file reads the same, so every cache of its bytes stays valid.
+        ``expect_rows`` (with it, one chunk): also only if that chunk still
+        holds exactly these rows — the version alone does not move for a
+        rewrite, so it cannot tell that another client compacted meanwhile."""
 
     @abc.abstractmethod
     def scan_slices(self) -> set[tuple[int, int, int]]:

@@ -555,6 +555,9 @@ class _Tx:
 class RedisEngine(Engine):
     """The metadata engine for ``redis://`` and ``rediss://`` URLs (module docstring)."""
 
+    #: keys per SCAN step (``scan_slices``)
+    scan_count = 1000
+
     def __init__(self, url: str):
         super().__init__()
         self.description = parse_url(url)
@@ -1302,7 +1305,8 @@ class RedisEngine(Engine):
         return [_unpack_slice(r) for r in rows]
 
     def write(self, ino: int, slices: list[tuple[int, Slice]], min_length: int,
-              mtime_ns: int, expect_version: Optional[int] = None) -> Attr:
+              mtime_ns: int, expect_version: Optional[int] = None,
+              expect_rows: Optional[list[Slice]] = None) -> Attr:
         for idx, s in slices:
             if (idx < 0 or s.pos < 0 or s.len <= 0 or s.off < 0 or s.id < 0
                     or (s.id and s.off + s.len > s.size) or s.size > _U32 or s.pos + s.len > _U32):
@@ -1325,6 +1329,10 @@ class RedisEngine(Engine):
                     raise FsError(errno.EINVAL, f"slice {s} crosses the end of chunk {idx}")
             for i, raw_rows in zip(idxs, rows):
                 tx.chunks[(ino, i)] = _Chunk([_unpack_slice(r) for r in raw_rows])
+            if expect_rows is not None:
+                [idx] = idxs
+                if tx.chunks[(ino, idx)].orig != list(expect_rows):
+                    raise FsError(errno.EAGAIN, "the chunk changed meanwhile")
             length = max(a.length, min_length)
             delta = schema.round_space(length) - schema.round_space(a.length)
             self._check_space(tx, fmt, delta)
@@ -1347,7 +1355,7 @@ class RedisEngine(Engine):
         cursor = b"0"
         while True:
             ((cursor, keys),) = self._plain([(b"SCAN", cursor, b"MATCH", b"c[0-9]*_[0-9]*",
-                                              b"COUNT", 1000)])
+                                              b"COUNT", self.scan_count)])
             keys = [k for k in keys if _CHUNK_KEY.fullmatch(k)]
             lists = self._plain([(b"LRANGE", k, 0, -1) for k in keys]) if keys else []
             for key, rows in zip(keys, lists):

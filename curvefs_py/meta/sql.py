@@ -939,7 +939,8 @@ class SqlEngine(Engine):
         return self._txn(fn, write=False)
 
     def write(self, ino: int, slices: list[tuple[int, Slice]], min_length: int,
-              mtime_ns: int, expect_version: Optional[int] = None) -> Attr:
+              mtime_ns: int, expect_version: Optional[int] = None,
+              expect_rows: Optional[list[Slice]] = None) -> Attr:
         for idx, s in slices:
             if (idx < 0 or s.pos < 0 or s.len <= 0 or s.off < 0 or s.id < 0
                     or (s.id and s.off + s.len > s.size)):
@@ -953,6 +954,12 @@ class SqlEngine(Engine):
                 raise FsError(errno.EINVAL, "write to a special file")
             if expect_version is not None and a.data_version != expect_version:
                 raise FsError(errno.EAGAIN, "the file changed meanwhile")
+            if expect_rows is not None:
+                [(idx, _)] = slices
+                rows = tx.all("SELECT pos, id, size, off, len FROM chunk WHERE ino = ? AND idx = ?"
+                              " ORDER BY seq", ino, idx)
+                if [Slice(*r) for r in rows] != list(expect_rows):
+                    raise FsError(errno.EAGAIN, "the chunk changed meanwhile")
             fmt = self._fmt(tx)
             for idx, s in slices:
                 if s.pos + s.len > fmt.chunk_size:

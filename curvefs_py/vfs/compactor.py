@@ -4,9 +4,10 @@ Every write adds a slice; random small writes therefore leave a chunk with
 many slices, which makes reads (the overlay) and commits slower.  When a chunk
 holds more than ``threshold`` slices, the compactor reads the chunk's visible
 bytes (holes inside the range as zeros), uploads them as one new slice and
-commits it with ``Engine.write(..., expect_version=v)``: the commit happens
-only if no write landed since the bytes were read (else EAGAIN and the new
-objects are deleted), so compaction never covers newer data, on any client.
+commits it with ``Engine.write(..., expect_version=v, expect_rows=rows)``: the
+commit happens only if no write landed and no other compaction replaced the
+chunk's rows since the bytes were read (else EAGAIN and the new objects are
+deleted), so compaction never covers newer data, on any client.
 The new slice hides all the old ones, which the engine's own rule then drops
 and queues for deletion in the same transaction.  The file reads the same, so
 the commit leaves its data_version and times alone: kernel pages, passthrough
@@ -109,7 +110,7 @@ class Compactor:
         new = Slice(first, new_id, len(data), 0, len(data))
         try:
             committed = await vfs._meta(vfs.engine.write, ino, [(idx, new)], 0, attr.mtime_ns,
-                                        attr.data_version)
+                                        attr.data_version, slices)
         except FsError as exc:
             vfs._delete_later(new_id, len(data))
             if exc.errno in (errno.EAGAIN, errno.ENOENT):

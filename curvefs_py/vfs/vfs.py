@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STALE = -1  # kernel_versions: the kernel may hold pages of an older data version
+#: the writes of a file kept open are committed within this many seconds (writer.py)
+FLUSH_INTERVAL_S = 10.0
 
 
 class KernelNotifier(Protocol):
@@ -178,6 +180,14 @@ class VFS:
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
         nursery.start_soon(self._publisher, name="change-publisher")
+        nursery.start_soon(self._committer, name="idle-commits")
+
+    async def _committer(self) -> None:
+        """Commit the writes of files kept open within ``flush_interval`` seconds."""
+        interval = float(self.options.get("flush_interval", FLUSH_INTERVAL_S))
+        while True:
+            await trio.sleep(max(interval / 4, 0.1))
+            await self.writers.commit_idle(interval)
 
     async def observe(self, seconds: float) -> bool:
         """Keep the kernel observers (per-read, per-stat BPF counters) attached for
@@ -360,17 +370,19 @@ class VFS:
         metrics.inc("vfs_remote_changes")
         if ch.ino:
             self._no_caps.discard(ch.ino)
-            # the kernel's pages are of the version the change left (a chmod; or the
-            # note of a write came after this client opened the file it made): keep
-            # them, the slice lists and what the pusher knows; drop the attributes
+            # the kernel's pages are of the version the change left (a chmod, another
+            # client's compaction; or the note of a write came after this client
+            # opened the file it made): keep them and what the pusher knows; drop the
+            # attributes.  The slice lists go anyway: a compaction replaced them
+            # under the same version, and the old slices' objects are on their way out
             current = ch.version >= 0 and self.kernel_versions.get(ch.ino) == ch.version
+            self._drop_slices(ch.ino)
             if current:
                 metrics.inc("vfs_remote_changes_data_current")
             else:
                 if ch.ino in self.kernel_versions:
                     self.kernel_versions[ch.ino] = STALE
                 self.pusher.dropped(ch.ino)
-                self._drop_slices(ch.ino)
             if ch.ino in self.open_attrs and not self.writers.get(ch.ino):
                 try:
                     self.open_attrs[ch.ino] = await self._meta(self.engine.getattr, ch.ino)

@@ -17,6 +17,13 @@ Protocol (one ``FileWriter`` per inode with unflushed data):
   uploads, and only then commits every slice in one engine transaction.  So a
   crash can leak objects (reclaimed by gc) but metadata never points at a
   missing object.  Once flush returns, the data is durable.
+* ``commit_idle(interval)`` flushes every file whose oldest unflushed write is
+  older than ``interval`` (the VFS calls it every ``interval / 4``): the writes
+  of a file kept open are committed within seconds, as in JuiceFS, so they are
+  visible to other clients, and an uploaded block is never left unnamed for
+  long (``gc`` takes objects unnamed for ``--min-age`` for leaks).  A failure
+  there is kept and raised by the next flush of the file (its fsync or close),
+  as the kernel reports writeback errors.
 * Dangerous awaits: everything between ``async with self.lock`` boundaries;
   ``write`` may await the upload semaphore while holding the inode lock, which
   is fine because uploads never take the lock.
@@ -114,6 +121,9 @@ class FileWriter:
         self.slices: List[SliceWriter] = []
         self.length = 0  # highest end offset written since the last commit
         self.mtime_ns = 0
+        self.dirty_since = 0.0  # trio clock of the first write since the last commit
+        #: a failed background commit (commit_idle), raised by the next flush
+        self.error: Optional[FsError] = None
 
     @property
     def dirty(self) -> bool:
@@ -161,6 +171,8 @@ class Writers:
             fw = self.by_ino[ino] = FileWriter(ino, self.block_size, self.chunk_size)
         mv = memoryview(data)
         async with fw.lock:
+            if not fw.dirty:
+                fw.dirty_since = trio.current_time()
             done = 0
             for chunk_idx, coff, n in chunk_ranges(off, len(data), self.chunk_size):
                 piece = mv[done:done + n]
@@ -218,9 +230,33 @@ class Writers:
         if fw is None:
             return
         async with fw.lock:
+            err, fw.error = fw.error, None
             await self._flush_locked(fw)
             if not fw.dirty and self.by_ino.get(ino) is fw:
                 del self.by_ino[ino]
+            if err is not None:
+                raise err
+
+    async def commit_idle(self, interval: float) -> None:
+        """Flush the files whose oldest unflushed write is older than ``interval``
+        seconds; a failure is kept for the file's next flush (and retried then)."""
+        now = trio.current_time()
+        for fw in [fw for fw in self.by_ino.values() if fw.dirty and now - fw.dirty_since >= interval]:
+            if fw.lock.locked():
+                continue  # a flush or write is on it right now
+            async with fw.lock:
+                try:
+                    await self._flush_locked(fw)
+                except FsError as exc:
+                    if fw.dirty:  # kept: retried after another interval and at the close
+                        log.warning("committing the writes of inode %d failed (retried): %s", fw.ino, exc)
+                        fw.dirty_since = trio.current_time()
+                    else:  # dropped (ENOSPC, file gone): the close must say so
+                        log.warning("the writes of inode %d were lost (reported at its close): %s",
+                                    fw.ino, exc)
+                        fw.error = exc
+                else:
+                    metrics.inc("vfs_idle_commits")
 
     async def _flush_locked(self, fw: FileWriter) -> None:
         if not fw.dirty:
