@@ -10,6 +10,7 @@ fails the mount with a one-line error instead of a mount without its exporter.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from typing import Dict
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 
 #: a request larger than this, or slower than the timeout, is dropped
 MAX_REQUEST = 8192
-REQUEST_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 5.0
+#: connections served at once (more wait in the listen queue): file descriptors are
+#: the daemon's, shared with its cache and backing files
+MAX_CLIENTS = 8
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -58,6 +62,7 @@ def bind(text: str) -> socket.socket:
 async def serve(sock: socket.socket, labels: Dict[str, str]) -> None:
     """Answer requests on ``sock`` until cancelled."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    slots = trio.Semaphore(MAX_CLIENTS)  # taken before accept: bounds the open connections
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -65,10 +70,23 @@ async def serve(sock: socket.socket, labels: Dict[str, str]) -> None:
                 await _answer(stream, labels)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("metrics client went away: %s", exc)
+        except Exception as exc:  # never take the mount down over a scrape
+            log.exception("metrics request failed: %s", exc)
         finally:
+            slots.release()
             await stream.aclose()
 
-    await trio.serve_listeners(handle, [listener])
+    async with trio.open_nursery() as nursery:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # e.g. out of file descriptors: try again shortly
+                slots.release()
+                log.warning("metrics endpoint: accept failed: %s", exc)
+                await trio.sleep(0.5)
+                continue
+            nursery.start_soon(handle, stream)
 
 
 async def _answer(stream: trio.SocketStream, labels: Dict[str, str]) -> None:
@@ -89,7 +107,9 @@ async def _answer(stream: trio.SocketStream, labels: Dict[str, str]) -> None:
         await _reply(stream, 404, "see /metrics\n")
     else:
         metrics.inc("metrics_scrapes")
-        await _reply(stream, 200, metrics.render_prometheus(labels=labels), CONTENT_TYPE)
+        # off the loop: the collectors read the BPF maps under a lock an attach may hold
+        body = await trio.to_thread.run_sync(functools.partial(metrics.render_prometheus, labels=labels))
+        await _reply(stream, 200, body, CONTENT_TYPE)
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
@@ -97,7 +117,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Reques
 
 async def _reply(stream: trio.SocketStream, status: int, body: str,
                  content_type: str = "text/plain; charset=utf-8") -> None:
-    data = body.encode()
+    data = body.encode(errors="backslashreplace")  # a mount point that is not UTF-8
     head = (f"HTTP/1.0 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
     await stream.send_all(head + data)

@@ -202,6 +202,50 @@ def test_writes_of_a_file_kept_open_are_committed_so_gc_spares_them(mounts):
     assert fsck(meta)[0] == 0
 
 
+LOSER = r"""
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, b"x" * (12 << 20))  # more than the volume holds: its background commit fails
+print("written", flush=True)
+sys.stdin.readline()
+try:
+    os.close(fd)
+except OSError as exc:
+    print(errno.errorcode[exc.errno], flush=True)
+else:
+    print("ok", flush=True)
+"""
+
+
+def test_a_lost_background_commit_is_reported_at_the_writers_close(mounts):
+    """ENOSPC in a commit that nobody waited for (the flush interval) is kept and
+    returned by the close of the fd that wrote, not by a reader's close of the file."""
+    meta = mounts.format("file", extra=("--capacity", "8M"))
+    m = mounts.mount(meta, "--flush-interval", "1")
+    mounts.allow_log += ["volume capacity exceeded"]
+    path = os.path.join(m.path, "big")
+    w = subprocess.Popen([sys.executable, "-c", LOSER, path], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert w.stdout.readline() == "written\n"
+        deadline = time.monotonic() + 10
+        while "were lost" not in open(m.log_file).read():
+            assert time.monotonic() < deadline, "no background commit failed"
+            time.sleep(0.2)
+        with open(path, "rb") as f:  # a reader's open and close: no error for it
+            f.read(1)
+        w.stdin.write("\n")
+        w.stdin.flush()
+        assert w.stdout.readline() == "ENOSPC\n"
+        assert w.wait(30) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    with open(os.path.join(m.path, "small"), "wb") as f:  # the mount carries on
+        f.write(b"fits")
+
+
 @pytest.mark.parametrize("storage", ["file", "s3"])
 def test_fsck_names_the_files_that_miss_objects(mounts, storage):
     meta = mounts.format(storage)

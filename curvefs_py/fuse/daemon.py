@@ -182,7 +182,10 @@ def serve(opts: MountOptions) -> int:
             from ..kernel.loader import wait_for_loads
 
             if not wait_for_loads(0):
-                _exit_under_compile()
+                if sys.exc_info()[0] is None:
+                    _exit_under_compile()
+                elif not wait_for_loads(60):  # an error is on its way out: let it, after the compile
+                    log.warning("exiting while the BPF programs still compile")
     return 0
 
 

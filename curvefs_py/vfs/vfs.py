@@ -77,6 +77,7 @@ class VFS:
                                fmt.chunk_size, on_commit=self._on_commit,
                                delete_later=self._delete_later,
                                on_slices=lambda ino, idxs: self.compactor.committed(ino, idxs))
+        self.writers.flush_interval = float(self.options.get("flush_interval", FLUSH_INTERVAL_S))
         self.compactor = Compactor(self, int(self.options.get("compact_threshold", 64)))
         self.reader = Reader(chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
                              readahead=int(self.options.get("readahead", 4 * fmt.block_size)))
@@ -184,10 +185,13 @@ class VFS:
 
     async def _committer(self) -> None:
         """Commit the writes of files kept open within ``flush_interval`` seconds."""
-        interval = float(self.options.get("flush_interval", FLUSH_INTERVAL_S))
+        interval = self.writers.flush_interval
         while True:
             await trio.sleep(max(interval / 4, 0.1))
-            await self.writers.commit_idle(interval)
+            try:
+                await self.writers.commit_idle(interval)
+            except Exception as exc:  # never end the mount over a background commit
+                log.exception("background commit failed: %s", exc)
 
     async def observe(self, seconds: float) -> bool:
         """Keep the kernel observers (per-read, per-stat BPF counters) attached for
@@ -643,7 +647,7 @@ class VFS:
     async def flush(self, fh: int) -> None:
         h = self.handles.get(fh)
         if h.content is None:
-            await self.writers.flush(h.ino)
+            await self.writers.flush(h.ino, report=_writable(h))
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
         await self.flush(fh)
@@ -657,7 +661,7 @@ class VFS:
             self.internal.forget(fh)
             return
         try:
-            await self.writers.flush(h.ino)
+            await self.writers.flush(h.ino, report=_writable(h))
         finally:
             _, last = self.handles.release(fh)
             if h.backing and await self.passthrough.detach(h.ino):
@@ -767,6 +771,7 @@ class VFS:
             raise FsError(errno.E2BIG)
         self._no_caps.discard(ino)
         await self._meta(self.engine.setxattr, ino, name, value, flags)
+        self._no_caps.discard(ino)  # and a getxattr answered meanwhile is of the old state
         self._changed(ino)
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -791,3 +796,7 @@ class VFS:
             bits = attr.mode & 7
         return (mode & bits) == mode
 
+
+def _writable(h) -> bool:
+    """A handle open for writing: its FLUSH/FSYNC/RELEASE hears of lost writes."""
+    return bool(h.flags & (os.O_WRONLY | os.O_RDWR))

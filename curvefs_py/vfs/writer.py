@@ -154,6 +154,8 @@ class Writers:
         self.delete_later = delete_later
         self.on_slices = on_slices
         self.nursery: Optional[trio.Nursery] = None
+        #: seconds after which a file's writes are committed without a flush (0: never)
+        self.flush_interval = 0.0
 
     def get(self, ino: int) -> Optional[FileWriter]:
         return self.by_ino.get(ino)
@@ -166,35 +168,44 @@ class Writers:
         return fw.length, fw.mtime_ns
 
     async def write(self, ino: int, off: int, data: bytes) -> int:
-        fw = self.by_ino.get(ino)
-        if fw is None:
-            fw = self.by_ino[ino] = FileWriter(ino, self.block_size, self.chunk_size)
+        while True:
+            fw = self.by_ino.get(ino)
+            if fw is None:
+                fw = self.by_ino[ino] = FileWriter(ino, self.block_size, self.chunk_size)
+            async with fw.lock:
+                # a flush that held the lock may have retired this writer meanwhile:
+                # bytes put into it now would never be committed
+                if self.by_ino.get(ino) is fw:
+                    await self._write_locked(fw, off, data)
+                    return len(data)
+
+    async def _write_locked(self, fw: FileWriter, off: int, data: bytes) -> None:
         mv = memoryview(data)
-        async with fw.lock:
-            if not fw.dirty:
-                fw.dirty_since = trio.current_time()
-            done = 0
-            for chunk_idx, coff, n in chunk_ranges(off, len(data), self.chunk_size):
-                piece = mv[done:done + n]
-                done += n
-                sw = None
-                for cand in reversed(fw.slices):
-                    if cand.chunk_idx == chunk_idx:
-                        sw = cand
-                        break
-                if sw is None or not sw.can_take(coff, n):
-                    sw = SliceWriter(chunk_idx, coff, self.block_size)
-                    fw.slices.append(sw)
-                sw.put(coff, piece)
-                for b in sw.full_blocks_behind(coff + n - sw.pos):
-                    await self._start_upload(sw, b)
-            fw.length = max(fw.length, off + len(data))
-            fw.mtime_ns = time.time_ns()
-            pressure = (len(fw.slices) > self.max_slices
-                        or fw.buffered_bytes() > self.max_buffer)
-            if pressure:
-                await self._flush_locked(fw)
-        return len(data)
+        if not fw.dirty:
+            fw.dirty_since = trio.current_time()
+        done = 0
+        for chunk_idx, coff, n in chunk_ranges(off, len(data), self.chunk_size):
+            piece = mv[done:done + n]
+            done += n
+            sw = None
+            for cand in reversed(fw.slices):
+                if cand.chunk_idx == chunk_idx:
+                    sw = cand
+                    break
+            if sw is None or not sw.can_take(coff, n):
+                sw = SliceWriter(chunk_idx, coff, self.block_size)
+                fw.slices.append(sw)
+            sw.put(coff, piece)
+            for b in sw.full_blocks_behind(coff + n - sw.pos):
+                await self._start_upload(sw, b)
+        fw.length = max(fw.length, off + len(data))
+        fw.mtime_ns = time.time_ns()
+        pressure = (len(fw.slices) > self.max_slices
+                    or fw.buffered_bytes() > self.max_buffer)
+        if pressure:
+            await self._flush_locked(fw)
+        elif self.flush_interval and trio.current_time() - fw.dirty_since >= self.flush_interval:
+            await self._timed_commit(fw)  # a steady writer holds the lock commit_idle skips
 
     async def _start_upload(self, sw: SliceWriter, b: int) -> None:
         if not sw.id:
@@ -224,39 +235,54 @@ class Writers:
             if sw.pending == 0:
                 sw.idle.set()
 
-    async def flush(self, ino: int) -> None:
-        """Make every write of ``ino`` durable (blocks uploaded, slices committed)."""
+    async def flush(self, ino: int, report: bool = False) -> None:
+        """Make every write of ``ino`` durable (blocks uploaded, slices committed).
+        ``report``: the caller is a handle open for writing (its FLUSH, FSYNC or
+        RELEASE), which also gets the error of a failed background commit."""
         fw = self.by_ino.get(ino)
         if fw is None:
             return
         async with fw.lock:
-            err, fw.error = fw.error, None
-            await self._flush_locked(fw)
-            if not fw.dirty and self.by_ino.get(ino) is fw:
+            err = fw.error if report else None
+            if err is not None:
+                fw.error = None
+            try:
+                await self._flush_locked(fw)
+            except BaseException:
+                if err is not None and fw.error is None:
+                    fw.error = err  # not reported yet: the next one says it
+                raise
+            if not fw.dirty and fw.error is None and self.by_ino.get(ino) is fw:
                 del self.by_ino[ino]
             if err is not None:
                 raise err
 
     async def commit_idle(self, interval: float) -> None:
         """Flush the files whose oldest unflushed write is older than ``interval``
-        seconds; a failure is kept for the file's next flush (and retried then)."""
+        seconds, but for those a write or flush is busy with (``write`` then commits
+        at its end); a failure is kept for the file's next flush by a writer."""
         now = trio.current_time()
         for fw in [fw for fw in self.by_ino.values() if fw.dirty and now - fw.dirty_since >= interval]:
             if fw.lock.locked():
-                continue  # a flush or write is on it right now
+                continue
             async with fw.lock:
-                try:
-                    await self._flush_locked(fw)
-                except FsError as exc:
-                    if fw.dirty:  # kept: retried after another interval and at the close
-                        log.warning("committing the writes of inode %d failed (retried): %s", fw.ino, exc)
-                        fw.dirty_since = trio.current_time()
-                    else:  # dropped (ENOSPC, file gone): the close must say so
-                        log.warning("the writes of inode %d were lost (reported at its close): %s",
-                                    fw.ino, exc)
-                        fw.error = exc
-                else:
-                    metrics.inc("vfs_idle_commits")
+                await self._timed_commit(fw)
+
+    async def _timed_commit(self, fw: FileWriter) -> None:
+        """A commit that no caller waits for (``fw.lock`` held): its failure is logged
+        and kept — retried later if the writes are still buffered, else (dropped:
+        ENOSPC, the file gone) raised by the next flush of a writable handle."""
+        try:
+            await self._flush_locked(fw)
+        except FsError as exc:
+            if fw.dirty:
+                log.warning("committing the writes of inode %d failed (retried): %s", fw.ino, exc)
+                fw.dirty_since = trio.current_time()
+            else:
+                log.warning("the writes of inode %d were lost (reported at its close): %s", fw.ino, exc)
+                fw.error = exc
+        else:
+            metrics.inc("vfs_idle_commits")
 
     async def _flush_locked(self, fw: FileWriter) -> None:
         if not fw.dirty:
