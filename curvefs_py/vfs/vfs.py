@@ -222,6 +222,7 @@ class VFS:
         or object-store outage here is logged, not raised: writers that could not
         flush say so (flush_all), and deletions stay queued for the next mount."""
         await self.writers.flush_all()
+        await self._publish_now()  # the notes of the last commits: the publisher stops now
         try:
             await self._delete_pending()
         except FsError as exc:
@@ -242,11 +243,16 @@ class VFS:
             await self._changes_kick.wait()
             self._changes_kick = trio.Event()
             await trio.sleep(0.05)
-            batch, self._changes = list(dict.fromkeys(self._changes)), []
-            try:
-                await self._meta(self.engine.publish, batch)
-            except Exception as exc:  # others fall back to their attr/entry timeouts
-                log.warning("publishing %d changes failed: %s", len(batch), exc)
+            await self._publish_now()
+
+    async def _publish_now(self) -> None:
+        batch, self._changes = list(dict.fromkeys(self._changes)), []
+        if not batch:
+            return
+        try:
+            await self._meta(self.engine.publish, batch)
+        except Exception as exc:  # others fall back to their attr/entry timeouts
+            log.warning("publishing %d changes failed: %s", len(batch), exc)
 
     def _on_commit(self, attr: Attr, bumped: bool = True) -> None:
         """A data change of ours committed; ``bumped``: it certainly added one to
