@@ -235,7 +235,13 @@ def test_file_layout(tmp_path):
     assert os.listdir(tmp_path / "chunks/0/1") == ["1234_0_3"]  # no temporary file left
     (tmp_path / "chunks/0/1/.tmp-deadbeef").write_bytes(b"half")  # a crash left it
     assert [(o.key, o.size) for o in st.list()] == [("chunks/0/1/1234_0_3", 3)]
-    os.unlink(tmp_path / "chunks/0/1/.tmp-deadbeef")
+    # gc finds and removes such leftovers (list_partial / delete_partial), nothing else
+    assert [(o.key, o.size) for o in st.list_partial("chunks/")] == [("chunks/0/1/.tmp-deadbeef", 4)]
+    with pytest.raises(ValueError):
+        st.delete_partial("chunks/0/1/1234_0_3")
+    st.delete_partial("chunks/0/1/.tmp-deadbeef")
+    st.delete_partial("chunks/0/1/.tmp-deadbeef")  # idempotent
+    assert list(st.list_partial()) == [] and st.get("chunks/0/1/1234_0_3") == b"abc"
     st.put("chunks/0/2/1_0_1", b"z")
     st.delete("chunks/0/1/1234_0_3")
     assert sorted(os.listdir(tmp_path / "chunks/0")) == ["2"]  # emptied fan-out dir pruned

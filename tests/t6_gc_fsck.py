@@ -73,22 +73,36 @@ def test_gc_deletes_old_leaks_and_spares_young_ones(mounts):
     store.put(young, b"y" * 5)
     store.put("chunks/README", b"not a block")
     backdate(meta, old, 2 * 3600)
+    # the temporary files of two puts that never finished (a crash between write and rename)
+    bucket = volinspect.volume_format(meta)["bucket"]
+    crashed, inflight = (os.path.join(bucket, "chunks", "0", "0", n) for n in (".tmp-crashed", ".tmp-inflight"))
+    for path, size in ((crashed, 50), (inflight, 3)):
+        with open(path, "wb") as f:
+            f.write(b"t" * size)
+    backdate(meta, "chunks/0/0/.tmp-crashed", 2 * 3600)
+
+    def partial_files():
+        return {p for p in (crashed, inflight) if os.path.exists(p)}
 
     r = gc(meta)
     assert (r["named"], r["leaked"], r["leaked_bytes"], r["young"], r["foreign"], r["deleted"]) == \
-        (len(named), 1, 100, 1, 1, 0)
-    assert r["broken_files"] == 0
+        (len(named), 1, 100, 2, 1, 0)
+    assert (r["partial"], r["partial_bytes"], r["broken_files"]) == (1, 50, 0)
     text = cli("gc", meta).stdout
-    assert "leaked              1 (100.0 B)" in text and "--delete" in text
+    assert "leaked              1 (100.0 B)" in text and "unfinished uploads  1 (50.0 B" in text
+    assert "--delete" in text
     assert volinspect.object_keys(meta) == named | {old, young, "chunks/README"}  # report only
+    assert partial_files() == {crashed, inflight}
 
     r = gc(meta, "--delete")
-    assert (r["deleted"], r["deleted_bytes"], r["kept"]) == (1, 100, 0)
+    assert (r["deleted"], r["deleted_bytes"], r["kept"]) == (2, 150, 0)
     assert volinspect.object_keys(meta) == named | {young, "chunks/README"}
-    # with no age limit the young leak goes too; a second run finds nothing
-    assert gc(meta, "--delete", "--min-age", "0")["deleted"] == 1
-    assert gc(meta, "--min-age", "0")["leaked"] == 0
-    assert volinspect.object_keys(meta) == named | {"chunks/README"}
+    assert partial_files() == {inflight}
+    # with no age limit the young ones go too; a second run finds nothing
+    assert gc(meta, "--delete", "--min-age", "0")["deleted"] == 2
+    r = gc(meta, "--min-age", "0")
+    assert (r["leaked"], r["partial"]) == (0, 0)
+    assert volinspect.object_keys(meta) == named | {"chunks/README"} and not partial_files()
 
     m.cache_dir += "-cold"
     m.start()

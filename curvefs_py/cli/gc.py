@@ -53,8 +53,9 @@ def run(args) -> int:
             a = audit(engine, store, fmt.block_size, args.min_age, progress)
             took = time.monotonic() - t0
             deleted = deleted_bytes = kept = 0
-            if args.delete and a.leaked:
-                deleted, deleted_bytes, kept = collect(engine, store, fmt.block_size, a.leaked, args.threads)
+            if args.delete and (a.leaked or a.partial):
+                deleted, deleted_bytes, kept = collect(engine, store, fmt.block_size, a.leaked,
+                                                       args.threads, a.partial)
     finally:
         if progress:
             print(file=sys.stderr)  # end the progress line (before an error's line too)
@@ -64,6 +65,7 @@ def run(args) -> int:
             "listed": a.listed, "listed_bytes": a.listed_bytes, "named": a.named,
             "queued": a.queued, "queued_slices": a.queued_slices, "young": a.young,
             "foreign": a.foreign, "leaked": len(a.leaked), "leaked_bytes": a.leaked_bytes,
+            "partial": len(a.partial), "partial_bytes": sum(o.size for o in a.partial),
             "deleted": deleted, "deleted_bytes": deleted_bytes, "kept": kept,
             "broken_files": len(a.broken), "broken_blocks": broken_blocks, "seconds": round(took, 3),
         }, indent=1, sort_keys=True))
@@ -74,13 +76,16 @@ def run(args) -> int:
     print(f"  too young to judge  {a.young} (uploaded less than {a.min_age:g} s ago)")
     print(f"  not block objects   {a.foreign} (left alone)")
     print(f"  leaked              {len(a.leaked)} ({fmt_bytes(a.leaked_bytes)})")
+    if a.partial:
+        print(f"  unfinished uploads  {len(a.partial)} ({fmt_bytes(sum(o.size for o in a.partial))}; "
+              "left by a crash during a put)")
     if a.broken:
         print(f"warning: {len(a.broken)} files miss {broken_blocks} block objects: run `curvefs fsck`")
-    if not a.leaked:
+    if not a.leaked and not a.partial:
         return 0
     if not args.delete:
-        print("run with --delete to delete the leaked objects")
+        print("run with --delete to delete them")
     else:
-        print(f"deleted {deleted} leaked objects ({fmt_bytes(deleted_bytes)})"
+        print(f"deleted {deleted} leaked objects and leftovers ({fmt_bytes(deleted_bytes)})"
               + (f"; kept {kept} that a file or the delete queue names now" if kept else ""))
     return 0

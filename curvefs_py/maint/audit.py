@@ -59,6 +59,8 @@ class Audit:
     young: int = 0                      # unnamed but newer than min_age: left alone
     foreign: int = 0                    # keys not in the block layout: left alone
     leaked: list[ObjectInfo] = field(default_factory=list)
+    #: leftovers of puts that never finished (file store), older than min_age
+    partial: list[ObjectInfo] = field(default_factory=list)
     #: damaged files: ino -> [(key, what is wrong)]
     broken: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -112,6 +114,11 @@ def audit(engine: Engine, store: ObjectStore, block_size: int, min_age: float = 
             a.leaked.append(obj)
     if progress is not None:
         progress(a.listed, a.listed_bytes)
+    for obj in store.list_partial("chunks/"):  # never named by anything: age is all
+        if obj.mtime <= 0 or obj.mtime > started - min_age:
+            a.young += 1
+        else:
+            a.partial.append(obj)
 
     suspects = {key: inos for key, inos in named.items() if found.get(key) != _key_len(key)}
     a.named = len(named) - len(suspects)
@@ -150,17 +157,21 @@ def _confirm_broken(engine: Engine, store: ObjectStore, block_size: int,
 
 
 def collect(engine: Engine, store: ObjectStore, block_size: int, leaked: list[ObjectInfo],
-            threads: int = 8) -> tuple[int, int, int]:
-    """Blocking. Delete the leaked objects that the metadata still does not name.
+            threads: int = 8, partial: Iterable[ObjectInfo] = ()) -> tuple[int, int, int]:
+    """Blocking. Delete the leaked objects that the metadata still does not name, and
+    the ``partial`` leftovers of unfinished puts.
 
     Returns (objects deleted, bytes deleted, objects kept because a chunk or the
     delete queue names them now)."""
     named = _named_keys(engine.scan_slices(), block_size)
     queued, _ = _queued_keys(engine, block_size)
     doomed = [o for o in leaked if o.key not in named and o.key not in queued]
+    partial = list(partial)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(lambda o: store.delete(o.key), doomed))
-    return len(doomed), sum(o.size for o in doomed), len(leaked) - len(doomed)
+        list(pool.map(lambda o: store.delete_partial(o.key), partial))
+    gone = doomed + partial
+    return len(gone), sum(o.size for o in gone), len(leaked) - len(doomed)
 
 
 def paths_of(engine: Engine, inos: Iterable[int]) -> dict[int, str]:

@@ -46,6 +46,15 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Blocking. Every object under ``prefix``, in key order."""
 
+    def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Blocking. Leftovers of puts that never finished (a crash during one), which
+        ``list`` leaves out; ``gc`` removes old ones.  None where puts are atomic (S3)."""
+        return iter(())
+
+    def delete_partial(self, key: str) -> None:
+        """Blocking. Remove one leftover that ``list_partial`` gave."""
+        raise NotImplementedError(f"{type(self).__name__} has no partial uploads")
+
     def check(self) -> None:
         """Blocking. Prove the store works: put, get and delete a probe object.
         Raises ObjectStoreError subclasses with a one-line message."""

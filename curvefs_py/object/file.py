@@ -240,17 +240,38 @@ class FileStore(ObjectStore):
         start = os.path.join(self.root, *base.split("/")) if base else self.root
         return self._walk(start, base + sep, prefix)
 
-    def _walk(self, dirpath: str, keyprefix: str, prefix: str) -> Iterator[ObjectInfo]:
+    def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Blocking. The temporary files of puts that never finished (a crash between
+        write and rename), under directories whose keys start with ``prefix``."""
+        base, sep, _ = prefix.rpartition("/")
+        start = os.path.join(self.root, *base.split("/")) if base else self.root
+        return self._walk(start, base + sep, prefix, partial=True)
+
+    def delete_partial(self, key: str) -> None:
+        """Blocking. Remove a temporary file that ``list_partial`` gave."""
+        parent, _, name = key.rpartition("/")
+        if not name.startswith(TMP_PREFIX) or "/" in name:
+            raise ValueError(f"not a partial upload: {key!r}")
+        path = os.path.join(self._path(parent), name) if parent else os.path.join(self.root, name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            metrics.inc("object_errors")
+            raise self._os_error(exc, "DELETE", key) from None
+
+    def _walk(self, dirpath: str, keyprefix: str, prefix: str, partial: bool = False) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(dirpath) as it:
                 entries = []
                 for e in it:
-                    if e.name.startswith(TMP_PREFIX):
-                        continue
                     try:
                         is_dir = e.is_dir(follow_symlinks=False)
                     except OSError:
                         continue
+                    if not is_dir and e.name.startswith(TMP_PREFIX) != partial:
+                        continue  # a put's temporary file, or (partial) an object
                     # a directory sorts as "name/": every key below it starts with that
                     entries.append((keyprefix + e.name + ("/" if is_dir else ""), is_dir, e))
         except (FileNotFoundError, NotADirectoryError):
@@ -263,7 +284,7 @@ class FileStore(ObjectStore):
         for name, is_dir, e in entries:
             if is_dir:
                 if name.startswith(prefix) or prefix.startswith(name):
-                    yield from self._walk(e.path, name, prefix)
+                    yield from self._walk(e.path, name, prefix, partial)
             elif name.startswith(prefix):
                 try:
                     st = e.stat(follow_symlinks=False)
