@@ -297,6 +297,11 @@ class Engine(abc.ABC):
         rewrite, so it cannot tell that another client compacted meanwhile."""
 
     @abc.abstractmethod
+    def skip_slice_ids(self, past: int) -> None:
+        """Blocking. Slice ids handed out from now on (by any client) are above
+        ``past``: ``load`` keeps the ids of the slices it restores."""
+
+    @abc.abstractmethod
     def scan_slices(self) -> set[tuple[int, int, int]]:
         """Blocking, read only. ``(slice id, size, ino)`` of every slice a chunk of
         a file names (holes left out), each once: what ``gc`` and ``fsck`` hold

@@ -1349,6 +1349,16 @@ class RedisEngine(Engine):
 
         return self._txn(fn, lock=ino)
 
+    def skip_slice_ids(self, past: int) -> None:
+        def fn(tx: _Tx) -> None:  # the counter holds the last id handed out
+            (cur,) = tx.read([(b"GET", NEXT_SLICE)])
+            if int(cur or 0) < past:
+                tx.queue(b"SET", NEXT_SLICE, past)
+
+        self._txn(fn)
+        with self._id_lock:
+            self._slice_next = self._slice_end = 0  # a batch reserved before may lie below
+
     def scan_slices(self) -> set[tuple[int, int, int]]:
         """SCAN the ``c{ino}_{idx}`` lists page by page (not one snapshot)."""
         out: set[tuple[int, int, int]] = set()

@@ -979,6 +979,13 @@ class SqlEngine(Engine):
 
         return self._txn(fn)
 
+    def skip_slice_ids(self, past: int) -> None:
+        # the counter holds the next id to hand out
+        self._txn(lambda tx: tx.run("UPDATE counter SET value = ? WHERE name = ? AND value <= ?",
+                                    past + 1, "next_slice", past))
+        with self._slice_lock:
+            self._slice_next = self._slice_end = 0  # a batch reserved before may lie below
+
     def scan_slices(self) -> set[tuple[int, int, int]]:
         rows = self._txn(lambda tx: tx.all("SELECT DISTINCT id, size, ino FROM chunk WHERE id <> 0"),
                          write=False)

@@ -1,0 +1,201 @@
+"""``curvefs dump`` / ``curvefs load``: a volume's metadata as JSON lines, and back.
+
+For backups of the metadata and for moving a volume to another engine (the embedded
+SQLite volume that outgrew one machine goes to Redis or PostgreSQL).  The file data
+stays where it is: the dump names the slices by id, and ``load`` restores them with
+the same ids into a new, empty database of the same volume (same bucket, same uuid),
+then moves the slice-id counter past them.
+
+Format (one JSON object per line, ASCII; names, link targets and xattr names are
+strings with undecodable bytes as surrogate escapes (\\udcXX), xattr values base64)::
+
+    {"curvefs_dump": 1, "format": {...Format, secret_key omitted unless kept...}}
+    {"ino": 1, "attr": {...}, "xattrs": {...}}                      the root
+    {"ino": N, "parent": P, "name": "...", "attr": {...}, "xattrs": {...},
+     "target": "..." (symlink) | "chunks": {"idx": [[pos, id, size, off, len], ...]}}
+    {"ino": N, "parent": P, "name": "..."}                           another hard link
+    {"end": {"inodes": n, "entries": n, "slices": n, "max_slice_id": n}}
+
+Entries come parent before child (a walk of the tree from the root).  Inode
+numbers are the dump's own: ``load`` gives new ones (and keeps hard links
+together); data versions start afresh.  Not in a dump: the sessions, the change
+feed, files deleted while still open, and the delete queue, whose objects become
+leaks that ``gc`` reclaims.  A dump of a mounted volume is not a snapshot: dump a
+volume nobody writes to.
+
+Blocking throughout (a command-line tool, not the daemon).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from typing import IO, Callable, Iterator, Optional
+
+from .. import ROOT_INODE
+from ..errors import FsError, QuietError
+from ..meta.engine import Engine
+from ..types import Attr, Format, SetAttr, Slice
+
+VERSION = 1
+_ATTR_FIELDS = ("mode", "uid", "gid", "rdev", "length", "atime_ns", "mtime_ns", "ctime_ns")
+
+Progress = Callable[[int], None]  # (inodes so far)
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _attr(a: Attr) -> dict:
+    return {f: getattr(a, f) for f in _ATTR_FIELDS}
+
+
+def _xattrs(engine: Engine, ino: int) -> dict:
+    out = {}
+    for name in engine.listxattr(ino):
+        try:
+            out[_name(name)] = base64.b64encode(engine.getxattr(ino, name)).decode()
+        except FsError:
+            continue  # removed while we read
+    return out
+
+
+def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
+         progress: Optional[Progress] = None) -> dict:
+    """Blocking. Write the volume's metadata to ``out``; returns the end record."""
+    fmt = engine.load()
+    setting = fmt.to_dict()
+    if not keep_secret:
+        setting.pop("secret_key", None)
+    chunk_size = fmt.chunk_size
+
+    def line(obj: dict) -> None:
+        out.write(json.dumps(obj, separators=(",", ":")) + "\n")  # ASCII: surrogates escaped
+
+    line({"curvefs_dump": VERSION, "format": setting})
+    root = engine.getattr(ROOT_INODE)
+    line({"ino": ROOT_INODE, "attr": _attr(root), "xattrs": _xattrs(engine, ROOT_INODE)})
+    seen = {ROOT_INODE}
+    entries = slices = max_id = 0
+    todo = [ROOT_INODE]
+    while todo:
+        parent = todo.pop()
+        for e in engine.readdir(parent):
+            entries += 1
+            rec: dict = {"ino": e.ino, "parent": parent, "name": _name(e.name)}
+            if e.ino in seen:  # another link of a file already written
+                line(rec)
+                continue
+            seen.add(e.ino)
+            a = engine.getattr(e.ino)
+            rec["attr"] = _attr(a)
+            rec["xattrs"] = _xattrs(engine, e.ino)
+            if a.is_symlink:
+                rec["target"] = _name(engine.readlink(e.ino))
+            elif a.is_file:
+                chunks = {}
+                for idx in range((a.length + chunk_size - 1) // chunk_size):
+                    rows = engine.read_chunk(e.ino, idx)
+                    if rows:
+                        chunks[str(idx)] = [[s.pos, s.id, s.size, s.off, s.len] for s in rows]
+                        slices += sum(1 for s in rows if s.id)
+                        max_id = max([max_id] + [s.id for s in rows])
+                rec["chunks"] = chunks
+            elif a.is_dir:
+                todo.append(e.ino)
+            line(rec)
+            if progress is not None and len(seen) % 1000 == 0:
+                progress(len(seen))
+    end = {"inodes": len(seen), "entries": entries, "slices": slices, "max_slice_id": max_id}
+    line({"end": end})
+    return end
+
+
+def _records(src: IO[str]) -> Iterator[tuple[int, dict]]:
+    for n, text in enumerate(src, 1):
+        if text.strip():
+            try:
+                rec = json.loads(text)
+            except ValueError as exc:
+                raise QuietError(f"line {n} of the dump is not JSON: {exc}", 3) from None
+            if not isinstance(rec, dict):
+                raise QuietError(f"line {n} of the dump is not an object", 3)
+            yield n, rec
+
+
+def read_format(src: IO[str]) -> Format:
+    """The Format in the dump's first line (the stream is left after it)."""
+    first = src.readline()
+    try:
+        head = json.loads(first)
+        if head.get("curvefs_dump") != VERSION:
+            raise ValueError(f"dump version {head.get('curvefs_dump')!r}, not {VERSION}")
+        return Format.from_dict(head["format"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise QuietError(f"not a curvefs dump: {exc}", 3) from None
+
+
+def load(engine: Engine, src: IO[str], progress: Optional[Progress] = None) -> dict:
+    """Blocking. Recreate the dumped tree in ``engine``, a volume just formatted
+    (only its root); ``src`` is past the format line.  Returns the end record."""
+    inos = {ROOT_INODE: ROOT_INODE}  # dump's inode -> new one
+    times: list[tuple[int, dict]] = []  # set last: creating children moves a directory's
+    end = None
+    max_id = 0
+    for n, rec in _records(src):
+        try:
+            if "end" in rec:
+                end = rec["end"]
+                break
+            old = int(rec["ino"])
+            if "parent" not in rec:  # the root
+                if old != ROOT_INODE:
+                    raise ValueError("a record without a parent that is not the root")
+                _set_xattrs(engine, ROOT_INODE, rec.get("xattrs", {}))
+                times.append((ROOT_INODE, rec["attr"]))
+                continue
+            parent, name = inos[int(rec["parent"])], _raw(rec["name"])
+            if "attr" not in rec:  # another hard link
+                engine.link(inos[old], parent, name)
+                continue
+            at = rec["attr"]
+            target = _raw(rec["target"]) if "target" in rec else None
+            new = engine.mknod(parent, name, int(at["mode"]), int(at["uid"]), int(at["gid"]),
+                               int(at.get("rdev", 0)), target).ino
+            inos[old] = new
+            _set_xattrs(engine, new, rec.get("xattrs", {}))
+            if stat.S_ISREG(int(at["mode"])):
+                length = int(at["length"])
+                for idx, rows in sorted(rec.get("chunks", {}).items(), key=lambda kv: int(kv[0])):
+                    slices = [(int(idx), Slice(*map(int, r))) for r in rows]
+                    max_id = max([max_id] + [s.id for _, s in slices])
+                    engine.write(new, slices, length, int(at["mtime_ns"]))  # rows in commit order
+                if length and not rec.get("chunks"):  # all hole
+                    engine.setattr(new, SetAttr(length=length))
+            times.append((new, at))
+        except QuietError:
+            raise
+        except FsError as exc:
+            raise QuietError(f"line {n} of the dump: {exc}", 4) from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise QuietError(f"line {n} of the dump is malformed: {exc!r}", 3) from None
+        if progress is not None and len(inos) % 1000 == 0:
+            progress(len(inos))
+    if end is None:
+        raise QuietError("the dump ends early (no end record): a partial file?", 3)
+    engine.skip_slice_ids(max(max_id, int(end.get("max_slice_id", 0))))
+    for ino, at in times:
+        engine.setattr(ino, SetAttr(mode=int(at["mode"]) & 0o7777, uid=int(at["uid"]), gid=int(at["gid"]),
+                                    atime_ns=int(at["atime_ns"]), mtime_ns=int(at["mtime_ns"]),
+                                    ctime_ns=int(at["ctime_ns"])))
+    return end
+
+
+def _set_xattrs(engine: Engine, ino: int, xattrs: dict) -> None:
+    for name, value in xattrs.items():
+        engine.setxattr(ino, _raw(name), base64.b64decode(value))
