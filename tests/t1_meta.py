@@ -781,7 +781,7 @@ def test_rename_loops(engine):
     a = mkdir(e, ROOT_INODE, b"a")
     b = mkdir(e, a, b"b")
     c = mkdir(e, b, b"c")
-    f = mkfile(e, c, b"f")
+    mkfile(e, c, b"f")
     with raises_errno(errno.EINVAL):  # into itself
         e.rename(ROOT_INODE, b"a", a, b"x", 0, NEVER)
     with raises_errno(errno.EINVAL):  # into its subtree
