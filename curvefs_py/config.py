@@ -66,3 +66,11 @@ class MountOptions:
     push_whole_max: int = 128 << 20
     io_timeout: float = 30.0  # retry deadline of one object request (s); also caps the read timeout
     extra: dict = field(default_factory=dict)
+
+
+def refuse_unfinished_load(fmt, meta_url: str) -> None:
+    """QuietError 5 for a volume that ``curvefs load`` has not finished filling: its
+    tree is partial, so mounting it or collecting its "leaks" would do harm."""
+    if getattr(fmt, "loading", False):
+        raise QuietError(f"{redact(meta_url)} holds a volume that a `curvefs load` did not finish: "
+                         "load the dump again into a new database", 5)

@@ -118,6 +118,8 @@ class Format:
     region: str = ""
     trash_days: int = 0
     version: int = 1
+    #: set while ``curvefs load`` fills a new database: mount, gc and fsck refuse it
+    loading: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

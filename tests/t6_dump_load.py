@@ -44,6 +44,13 @@ def make_tree(root: str) -> None:
         fh.truncate(100 * MiB)
         fh.seek(50 * MiB)
         fh.write(b"middle")
+        fh.seek(70 * MiB)  # in the second 64 MiB chunk
+        fh.write(b"second chunk")
+    os.mknod(os.path.join(root, "null"), 0o620 | stat.S_IFCHR, os.makedev(1, 3))
+    with open(os.path.join(root, "setuid"), "wb") as fh:
+        fh.write(b"#!/bin/sh\n")
+    os.chmod(os.path.join(root, "setuid"), 0o4755)
+    os.setxattr(os.path.join(root, "d"), "user.on-a-dir", b"yes")
     with open(os.path.join(root.encode(), b"caf\xe9"), "wb") as fh:
         fh.write(b"latin-1 name")
     os.setxattr(f, "user.k", b"\x00\xffbinary")
@@ -65,6 +72,8 @@ def snapshot(root: str) -> dict:
                    "link": groups.setdefault(st.st_ino, len(groups)),
                    "xattrs": {x: os.getxattr(p, x, follow_symlinks=False)
                               for x in os.listxattr(p, follow_symlinks=False)}}
+            if stat.S_ISCHR(st.st_mode):
+                rec["rdev"] = st.st_rdev
             if stat.S_ISLNK(st.st_mode):
                 rec["target"] = os.readlink(p)
             elif stat.S_ISREG(st.st_mode):
@@ -84,7 +93,7 @@ def dumped(mounts, tmp_path):
     m.stop()
     dump = str(tmp_path / "vol.dump")
     r = cli("dump", meta, dump)
-    assert "dumped 8 inodes, 8 entries" in r.stderr, r.stderr
+    assert "dumped 10 inodes, 10 entries" in r.stderr, r.stderr
     return meta, dump, before
 
 
@@ -95,8 +104,11 @@ def test_a_volume_moves_to_another_engine(mounts, tmp_path, request, dumped, eng
               "redis": lambda: servers.redis_new_db(request.getfixturevalue("redis_server")),
               "postgres": lambda: request.getfixturevalue("pg").new_database()}[engine]()
     r = cli("load", target, dump)
-    assert "loaded volume vol: 8 inodes" in r.stderr
+    assert "loaded volume vol: 10 inodes" in r.stderr
     assert cli("fsck", target).returncode == 0
+    usage = [json.loads(cli("status", u, "--json").stdout)["usage"] for u in (meta, target)]
+    assert [(x["used_space"], x["used_inodes"]) for x in usage] == \
+        [(usage[0]["used_space"], usage[0]["used_inodes"])] * 2
     m = mounts.mount(target, name="moved")
     assert snapshot(m.path) == before
     # the moved volume takes writes: new slices get new ids, the old objects stay whole
@@ -123,21 +135,48 @@ def test_a_volume_moves_to_another_engine(mounts, tmp_path, request, dumped, eng
         assert {**after[name], "link": 0} == {**before[name], "link": 0}, name
 
 
+def fails(*args: str, code: int, contains: str) -> None:
+    r = cli(*args, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1 and contains in lines[0], (r.returncode, r.stderr)
+
+
 def test_load_refuses_bad_input(mounts, tmp_path, dumped):
     meta, dump, _ = dumped
-    fails = lambda *args: cli(*args, check=False)  # noqa: E731
-    r = fails("load", meta, dump)  # the source itself holds a volume
-    assert r.returncode == 5 and "already holds a volume" in r.stderr and "Traceback" not in r.stderr
+    fails("load", meta, dump, code=5, contains="already holds a volume")  # the source itself
     lines = open(dump).read().splitlines()
-    cut = tmp_path / "cut.dump"
-    cut.write_text("\n".join(lines[:-1]) + "\n")
-    r = fails("load", f"sqlite3://{tmp_path}/cut.db", str(cut))
-    assert r.returncode == 3 and "ends early" in r.stderr
-    bad = tmp_path / "bad.dump"
-    bad.write_text('{"some": "json"}\n')
-    r = fails("load", f"sqlite3://{tmp_path}/bad.db", str(bad))
-    assert r.returncode == 3 and "not a curvefs dump" in r.stderr
-    r = fails("dump", f"sqlite3://{tmp_path}/none.db", str(tmp_path / "x"))
-    assert r.returncode == 5 and not os.path.exists(tmp_path / "x")
-    for r in (fails("load", f"sqlite3://{tmp_path}/missing.db", str(tmp_path / "nope")),):
-        assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1
+
+    def dump_file(name: str, text: str | bytes) -> str:
+        p = tmp_path / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(p)
+
+    cut = f"sqlite3://{tmp_path}/cut.db"
+    fails("load", cut, dump_file("cut", "\n".join(lines[:-1]) + "\n"), code=3, contains="ends early")
+    # what the failed load left is refused until loaded anew into a new database
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    for args in (("mount", cut, str(mp), "--cache-dir", str(tmp_path / "c")), ("gc", cut), ("fsck", cut),
+                 ("dump", cut, str(tmp_path / "again"))):
+        fails(*args, code=5, contains="did not finish")
+    assert "loading" in cli("status", cut, "--json").stdout
+    fails("load", cut, dump, code=5, contains="already holds a volume")
+    # and its slice-id counter is past the dump's ids already
+    e = open_engine(cut)
+    try:
+        assert e.next_slice_id() > json.loads(lines[-1])["end"]["max_slice_id"]
+    finally:
+        e.close()
+
+    fails("load", f"sqlite3://{tmp_path}/b1.db", dump_file("bad", '{"some": "json"}\n'),
+          code=3, contains="not a curvefs dump")
+    fails("load", f"sqlite3://{tmp_path}/b2.db", dump_file("bin", lines[0].encode() + b"\n\xff\xfe\n"),
+          code=3, contains="can't decode")
+    rec = json.loads(lines[2])
+    rec["xattrs"] = ["a list"]
+    fails("load", f"sqlite3://{tmp_path}/b3.db", dump_file("xl", "\n".join([lines[0], lines[1], json.dumps(rec)]) + "\n"),
+          code=3, contains="line 3 of the dump is malformed")
+    fails("load", f"sqlite3://{tmp_path}/b4.db", str(tmp_path / "nope"), code=3, contains="No such file")
+    fails("dump", f"sqlite3://{tmp_path}/none.db", str(tmp_path / "x"), code=5, contains="no volume")
+    assert not os.path.exists(tmp_path / "x")
+    fails("dump", meta, str(tmp_path), code=3, contains="is a directory")

@@ -8,6 +8,7 @@ change feed (not the timeouts) can deliver.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ import time
 import pytest
 
 import servers
+from mounthelper import cli
 
 LONG = ("--attr-timeout", "60", "--entry-timeout", "60")
 
@@ -149,3 +151,35 @@ def test_status_shows_sessions(mounts, volume_args):
     mps = sorted(s["mountpoint"] for s in out["sessions"])
     assert mps == sorted([a.path, b.path])
     assert out["usage"]["used_inodes"] >= 1
+
+
+def test_a_read_only_client_reads_and_changes_nothing(mounts):
+    """``--read-only``: the volume's files read as the writer left them, every change
+    is EROFS (the volume unchanged), and warmup and stats still work; the writing
+    client's next close is seen there at the next open."""
+    meta = mounts.format("file")
+    rw = mounts.mount(meta)
+    os.mkdir(os.path.join(rw.path, "d"))
+    with open(os.path.join(rw.path, "d", "f"), "wb") as f:
+        f.write(b"v1" * 100_000)
+    ro = mounts.mount(meta, "--read-only")
+    f = os.path.join(ro.path, "d", "f")
+    with open(f, "rb") as fh:
+        assert fh.read() == b"v1" * 100_000
+    attempts = [lambda: open(f, "r+b"), lambda: open(os.path.join(ro.path, "new"), "wb"),
+                lambda: os.mkdir(os.path.join(ro.path, "d2")), lambda: os.unlink(f),
+                lambda: os.rename(f, f + "2"), lambda: os.chmod(f, 0o600), lambda: os.truncate(f, 0),
+                lambda: os.setxattr(f, "user.k", b"v"), lambda: os.symlink("x", os.path.join(ro.path, "l")),
+                lambda: os.link(f, os.path.join(ro.path, "h")), lambda: os.rmdir(os.path.join(ro.path, "d"))]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, (attempt, info.value)
+    assert sorted(os.listdir(ro.path)) == ["d"] and os.stat(f).st_mode & 0o777 == 0o644
+    cli("warmup", "-q", os.path.join(ro.path, "d"))
+    assert json.loads(cli("stats", ro.path, "--json").stdout)["derived"] is not None
+    with open(os.path.join(rw.path, "d", "f"), "wb") as fh:
+        fh.write(b"v2")
+    time.sleep(1.1)  # the read-only client's attr cache
+    with open(f, "rb") as fh:
+        assert fh.read() == b"v2"

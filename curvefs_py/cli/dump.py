@@ -6,6 +6,7 @@ A backup of the metadata, or the first half of moving a volume to another engine
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 
@@ -33,23 +34,38 @@ def run(args) -> int:
             with backend_errors():
                 end = dump(engine, sys.stdout, args.keep_secret_key)
         else:
-            # written beside the target and renamed: a failed dump leaves no partial file
-            target = os.path.abspath(args.file)
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=".curvefs-dump-", dir=os.path.dirname(target))
-            except OSError as exc:
-                raise QuietError(f"{args.file}: {exc.strerror}", 3) from None
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out, backend_errors():
-                    end = dump(engine, out, args.keep_secret_key)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            end = _dump_to(engine, args.file, args.keep_secret_key)
     finally:
         engine.close()
     print(f"dumped {end['inodes']} inodes, {end['entries']} entries, {end['slices']} slices",
           file=sys.stderr)
     return 0
+
+
+def _dump_to(engine, path: str, keep_secret: bool) -> dict:
+    """Into a regular file: written beside it and renamed, so a failed dump leaves no
+    partial file; into anything else (a pipe, a device) directly."""
+    from ..maint.dump import dump
+
+    target = os.path.abspath(path)
+    try:
+        if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+            if os.path.isdir(target):
+                raise QuietError(f"{path} is a directory", 3)
+            with open(target, "w", encoding="utf-8") as out, backend_errors():
+                return dump(engine, out, keep_secret)
+        fd, tmp = tempfile.mkstemp(prefix=".curvefs-dump-", dir=os.path.dirname(target))
+    except OSError as exc:
+        raise QuietError(f"{path}: {exc.strerror}", 3) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out, backend_errors():
+            end = dump(engine, out, keep_secret)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+        return end
+    except OSError as exc:
+        raise QuietError(f"{path}: {exc.strerror}", 3) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..maint.dump import load, read_format
+    from ..maint.dump import load, read_header
     from ..meta import open_engine
     from ..object import open_store
 
@@ -38,7 +38,7 @@ def run(args) -> int:
     except OSError as exc:
         raise QuietError(f"{args.file}: {exc.strerror}", 3) from None
     with src:
-        fmt = read_format(src)
+        fmt, next_slice_id = read_header(src)
         if not fmt.secret_key:
             secret = args.secret_key if args.secret_key is not None else os.environ.get("AWS_SECRET_ACCESS_KEY", "")
             fmt = dataclasses.replace(fmt, secret_key=secret)
@@ -52,12 +52,13 @@ def run(args) -> int:
         try:
             with backend_errors():
                 try:
-                    engine.init(fmt)
+                    engine.load()
                 except FsError as exc:
-                    if exc.errno == errno.EEXIST:
-                        raise QuietError(f"{redact(args.meta_url)} already holds a volume: load into a new one", 5) from None
-                    raise
-                end = load(engine, src)
+                    if exc.errno != errno.ENOENT:
+                        raise
+                else:
+                    raise QuietError(f"{redact(args.meta_url)} already holds a volume: load into a new one", 5)
+                end = load(engine, fmt, next_slice_id, src)
         finally:
             engine.close()
     print(f"loaded volume {fmt.name}: {end['inodes']} inodes, {end['entries']} entries, "

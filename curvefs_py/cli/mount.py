@@ -41,6 +41,9 @@ def register(sub) -> None:
                    help="commit the writes of a file kept open at least this often, so other clients see "
                         "them and gc never takes their objects for leaks (default 10)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve reads only: every change fails with EROFS, and this client neither compacts "
+                        "nor deletes objects (warmup and stats work)")
     p.add_argument("--no-bpf", action="store_true", help="do not load the eBPF counters")
     p.add_argument("--metrics", default="", metavar="HOST:PORT",
                    help="serve the counters of `curvefs stats` for Prometheus at http://HOST:PORT/metrics "
@@ -79,7 +82,7 @@ def _options(args) -> MountOptions:
         kernel_cache_budget=parse_size(args.kernel_cache_budget),
         push_whole_max=parse_size(args.push_whole_max), io_timeout=args.io_timeout,
         extra={"compact_threshold": args.compact_threshold, "kernel_observe": args.kernel_observe,
-               "metrics": args.metrics, "flush_interval": args.flush_interval,
+               "metrics": args.metrics, "flush_interval": args.flush_interval, "read_only": args.read_only,
                "passthrough_max": 0 if args.no_passthrough else parse_size(args.passthrough_max),
                "image_cache_size": parse_size(args.image_cache_size or args.cache_size),
                **({} if args.image_hold is None else {"image_hold": parse_size(args.image_hold)})})

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    engine, fmt = open_volume(args.meta_url)
+    engine, fmt = open_volume(args.meta_url, loading_ok=True)
     try:
         with backend_errors():
             sessions = engine.list_sessions()

@@ -6,18 +6,22 @@ import contextlib
 import errno
 from typing import Iterator
 
-from ..config import check_meta_url, redact
+from ..config import check_meta_url, redact, refuse_unfinished_load
 from ..errors import FsError, ObjectStoreError, QuietError
 
 
-def open_volume(meta_url: str):
-    """(engine, Format) of the volume in META_URL; QuietError 5 if it holds none."""
+def open_volume(meta_url: str, loading_ok: bool = False):
+    """(engine, Format) of the volume in META_URL; QuietError 5 if it holds none, or
+    one that a ``curvefs load`` has not finished filling (unless ``loading_ok``)."""
     from ..meta import open_engine
 
     check_meta_url(meta_url)
     engine = open_engine(meta_url)
     try:
-        return engine, engine.load()
+        fmt = engine.load()
+        if not loading_ok:
+            refuse_unfinished_load(fmt, meta_url)
+        return engine, fmt
     except FsError as exc:
         engine.close()
         if exc.errno == errno.ENOENT:

@@ -28,7 +28,7 @@ import sys
 import trio
 
 from .. import __version__, metrics, threads
-from ..config import MountOptions, redact
+from ..config import MountOptions, redact, refuse_unfinished_load
 from ..errors import FsError, ObjectStoreError, QuietError
 from .mountinfo import mount_device
 
@@ -103,6 +103,7 @@ def serve(opts: MountOptions) -> int:
         if exc.errno == errno.ENOENT:
             raise QuietError(f"{redact(opts.meta_url)} holds no volume: run `curvefs format` first", 5) from None
         raise QuietError(f"cannot read metadata: {exc}", 4) from None
+    refuse_unfinished_load(fmt, opts.meta_url)
     try:
         from ..object import RetryPolicy
 

@@ -43,8 +43,8 @@ def _guard(fn):
         except FsError as exc:
             metrics.inc(f"fuse_ops_errors_{name}")
             code = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
-            if code in (errno.EIO, errno.ENOSPC, errno.EROFS):
-                log.warning("%s%r: %s", name, args[:2], exc)
+            if code in (errno.EIO, errno.ENOSPC) or (code == errno.EROFS and not self.vfs.read_only):
+                log.warning("%s%r: %s", name, args[:2], exc)  # (on a --read-only mount EROFS is the answer)
             raise pyfuse3.FUSEError(code) from None
         except OSError as exc:
             metrics.inc(f"fuse_ops_errors_{name}")

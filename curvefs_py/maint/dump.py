@@ -9,7 +9,8 @@ then moves the slice-id counter past them.
 Format (one JSON object per line, ASCII; names, link targets and xattr names are
 strings with undecodable bytes as surrogate escapes (\\udcXX), xattr values base64)::
 
-    {"curvefs_dump": 1, "format": {...Format, secret_key omitted unless kept...}}
+    {"curvefs_dump": 1, "format": {...Format, secret_key omitted unless kept...},
+     "next_slice_id": n}                       (above every slice id handed out so far)
     {"ino": 1, "attr": {...}, "xattrs": {...}}                      the root
     {"ino": N, "parent": P, "name": "...", "attr": {...}, "xattrs": {...},
      "target": "..." (symlink) | "chunks": {"idx": [[pos, id, size, off, len], ...]}}
@@ -28,6 +29,8 @@ Blocking throughout (a command-line tool, not the daemon).
 from __future__ import annotations
 
 import base64
+import dataclasses
+import errno
 import json
 import stat
 from typing import IO, Callable, Iterator, Optional
@@ -77,11 +80,16 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
     def line(obj: dict) -> None:
         out.write(json.dumps(obj, separators=(",", ":")) + "\n")  # ASCII: surrogates escaped
 
-    line({"curvefs_dump": VERSION, "format": setting})
+    setting.pop("loading", None)
+    # above every slice id handed out so far, also of slices no file names any more
+    # (queued deletes, leaks): load moves the new database's counter past it first
+    next_id = engine.next_slice_id()
+    line({"curvefs_dump": VERSION, "format": setting, "next_slice_id": next_id})
     root = engine.getattr(ROOT_INODE)
     line({"ino": ROOT_INODE, "attr": _attr(root), "xattrs": _xattrs(engine, ROOT_INODE)})
     seen = {ROOT_INODE}
-    entries = slices = max_id = 0
+    entries = max_id = 0
+    slice_ids: set[int] = set()
     todo = [ROOT_INODE]
     while todo:
         parent = todo.pop()
@@ -103,7 +111,7 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
                     rows = engine.read_chunk(e.ino, idx)
                     if rows:
                         chunks[str(idx)] = [[s.pos, s.id, s.size, s.off, s.len] for s in rows]
-                        slices += sum(1 for s in rows if s.id)
+                        slice_ids.update(s.id for s in rows if s.id)
                         max_id = max([max_id] + [s.id for s in rows])
                 rec["chunks"] = chunks
             elif a.is_dir:
@@ -111,13 +119,13 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
             line(rec)
             if progress is not None and len(seen) % 1000 == 0:
                 progress(len(seen))
-    end = {"inodes": len(seen), "entries": entries, "slices": slices, "max_slice_id": max_id}
+    end = {"inodes": len(seen), "entries": entries, "slices": len(slice_ids), "max_slice_id": max_id}
     line({"end": end})
     return end
 
 
 def _records(src: IO[str]) -> Iterator[tuple[int, dict]]:
-    for n, text in enumerate(src, 1):
+    for n, text in enumerate(src, 2):  # (line 1, the header, is read by read_format)
         if text.strip():
             try:
                 rec = json.loads(text)
@@ -128,21 +136,42 @@ def _records(src: IO[str]) -> Iterator[tuple[int, dict]]:
             yield n, rec
 
 
-def read_format(src: IO[str]) -> Format:
-    """The Format in the dump's first line (the stream is left after it)."""
-    first = src.readline()
+def read_header(src: IO[str]) -> tuple[Format, int]:
+    """The Format and the next slice id in the dump's first line (the stream is left
+    after it)."""
     try:
-        head = json.loads(first)
+        head = json.loads(src.readline())
         if head.get("curvefs_dump") != VERSION:
             raise ValueError(f"dump version {head.get('curvefs_dump')!r}, not {VERSION}")
-        return Format.from_dict(head["format"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return Format.from_dict(head["format"]), int(head.get("next_slice_id", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (UnicodeDecodeError too)
         raise QuietError(f"not a curvefs dump: {exc}", 3) from None
 
 
-def load(engine: Engine, src: IO[str], progress: Optional[Progress] = None) -> dict:
-    """Blocking. Recreate the dumped tree in ``engine``, a volume just formatted
-    (only its root); ``src`` is past the format line.  Returns the end record."""
+#: errors of the metadata engine that mean the dump's content is wrong (exit 3)
+_BAD_CONTENT = {errno.EINVAL, errno.EEXIST, errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.EPERM, errno.ENOTEMPTY, errno.ERANGE, errno.E2BIG}
+
+
+def load(engine: Engine, fmt: Format, next_slice_id: int, src: IO[str],
+         progress: Optional[Progress] = None) -> dict:
+    """Blocking. Create the volume ``fmt`` in ``engine`` (an empty database) and
+    the dumped tree in it; ``src`` is past the header.  Returns the end record.
+
+    The volume is marked ``loading`` until the last record is in (mount, gc and
+    fsck refuse it meanwhile), and the slice-id counter is moved past the dump's
+    ids before anything else, so even a half-loaded volume never reuses one."""
+    engine.init(dataclasses.replace(fmt, loading=True))
+    engine.skip_slice_ids(next_slice_id - 1)
+    try:
+        end = _load_records(engine, src, progress)
+    except UnicodeDecodeError as exc:
+        raise QuietError(f"the dump is not text: {exc}", 3) from None
+    engine.init(dataclasses.replace(fmt, loading=False), force=True)
+    return end
+
+
+def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) -> dict:
     inos = {ROOT_INODE: ROOT_INODE}  # dump's inode -> new one
     times: list[tuple[int, dict]] = []  # set last: creating children moves a directory's
     end = None
@@ -181,8 +210,8 @@ def load(engine: Engine, src: IO[str], progress: Optional[Progress] = None) -> d
         except QuietError:
             raise
         except FsError as exc:
-            raise QuietError(f"line {n} of the dump: {exc}", 4) from None
-        except (KeyError, ValueError, TypeError) as exc:
+            raise QuietError(f"line {n} of the dump: {exc}", 3 if exc.errno in _BAD_CONTENT else 4) from None
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise QuietError(f"line {n} of the dump is malformed: {exc!r}", 3) from None
         if progress is not None and len(inos) % 1000 == 0:
             progress(len(inos))

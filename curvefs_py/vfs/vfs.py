@@ -64,6 +64,9 @@ class VFS:
         self.options = dict(options or {})
         self.handles = Handles()
         self.failsafe = False
+        #: --read-only: every change is EROFS, and this client neither compacts nor
+        #: deletes objects (the writing clients do); reads, warmup and stats work
+        self.read_only = bool(self.options.get("read_only"))
         self.open_attrs: Dict[int, Attr] = {}
         self._slices: Dict[tuple[int, int], list[Slice]] = {}
         #: per open inode: a stamp (never reused) that each _drop_slices renews
@@ -78,7 +81,7 @@ class VFS:
                                delete_later=self._delete_later,
                                on_slices=lambda ino, idxs: self.compactor.committed(ino, idxs))
         self.writers.flush_interval = float(self.options.get("flush_interval", FLUSH_INTERVAL_S))
-        self.compactor = Compactor(self, int(self.options.get("compact_threshold", 64)))
+        self.compactor = Compactor(self, 0 if self.read_only else int(self.options.get("compact_threshold", 64)))
         self.reader = Reader(chunks, fmt.chunk_size, fmt.block_size, self._get_slices,
                              readahead=int(self.options.get("readahead", 4 * fmt.block_size)))
         self.internal = InternalFiles(self._config, self._inode_stats)
@@ -168,6 +171,8 @@ class VFS:
         return out
 
     def _check_writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS, "mounted read-only")
         if self.failsafe:
             raise FsError(errno.EROFS, "file system is in failsafe mode (run fsck)")
 
@@ -177,7 +182,8 @@ class VFS:
         self.writers.nursery = nursery
         self.pusher.nursery = nursery
         self.passthrough.nursery = nursery
-        nursery.start_soon(self._deleter, name="deleter")
+        if not self.read_only:
+            nursery.start_soon(self._deleter, name="deleter")
         nursery.start_soon(self._heartbeat, name="heartbeat")
         nursery.start_soon(self._follow_changes, name="change-feed")
         nursery.start_soon(self._publisher, name="change-publisher")
@@ -224,7 +230,8 @@ class VFS:
         await self.writers.flush_all()
         await self._publish_now()  # the notes of the last commits: the publisher stops now
         try:
-            await self._delete_pending()
+            if not self.read_only:
+                await self._delete_pending()
         except FsError as exc:
             log.warning("deleting unused objects at unmount failed (left for later): %s", exc)
         await self.passthrough.close()
