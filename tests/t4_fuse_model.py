@@ -221,6 +221,24 @@ def test_random_io_matches_local_file(small_blocks):
 
 
 @pytest.fixture
+def busy_background(mounts, tmp_path):
+    """Commits of open files every 50 ms and compaction at 4 slices: the background
+    work runs between (and during) the machine's calls."""
+    meta = mounts.format("file", extra=["--block-size", "64K"])
+    m = mounts.mount(meta, "--flush-interval", "0.05", "--compact-threshold", "4")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    return m.path, str(ref)
+
+
+def test_random_io_with_busy_background_commits(busy_background):
+    FileMachine.mount_dir, FileMachine.ref_dir = busy_background
+    coverage.clear()
+    run_state_machine_as_test(FileMachine, settings=SETTINGS)
+    print("\nmodel coverage (busy background):", dict(coverage))
+
+
+@pytest.fixture
 def small_blocks_s3(mounts, tmp_path):
     meta = mounts.format("s3", extra=["--block-size", "64K"])
     m = mounts.mount(meta)

@@ -70,8 +70,11 @@ class Compactor:
             async with self._limit:
                 await self.compact(*key, check=check)
         except Exception as exc:  # compaction is an optimisation: never fatal
-            metrics.inc("compact_errors")
-            log.warning("compaction of inode %d chunk %d failed: %s", key[0], key[1], exc)
+            if isinstance(exc, FsError) and exc.errno == errno.ENOENT:
+                metrics.inc("compact_conflicts")  # the file was deleted meanwhile: nothing to do
+            else:
+                metrics.inc("compact_errors")
+                log.warning("compaction of inode %d chunk %d failed: %s", key[0], key[1], exc)
         finally:
             self._busy.discard(key)
 
