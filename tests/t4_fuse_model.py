@@ -204,54 +204,40 @@ SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-@pytest.fixture
-def small_blocks(mounts, tmp_path):
-    meta = mounts.format("file", extra=["--block-size", "64K"])
-    m = mounts.mount(meta)
+def model_dirs(mounts, tmp_path, storage: str, *options: str) -> tuple[str, str]:
+    """(a mount of a new 64 KiB-block volume, a local reference directory)."""
+    meta = mounts.format(storage, extra=["--block-size", "64K"])
+    m = mounts.mount(meta, *options)
     ref = tmp_path / "reference"
     ref.mkdir()
     return m.path, str(ref)
+
+
+def run_machine(dirs: tuple[str, str], label: str, examples: int = EXAMPLES) -> None:
+    FileMachine.mount_dir, FileMachine.ref_dir = dirs
+    coverage.clear()
+    run_state_machine_as_test(FileMachine, settings=settings(SETTINGS, max_examples=examples))
+    print(f"\nmodel coverage ({label}):", dict(coverage))
+
+
+@pytest.fixture
+def small_blocks(mounts, tmp_path):
+    return model_dirs(mounts, tmp_path, "file")
 
 
 def test_random_io_matches_local_file(small_blocks):
-    FileMachine.mount_dir, FileMachine.ref_dir = small_blocks
-    coverage.clear()
-    run_state_machine_as_test(FileMachine, settings=SETTINGS)
-    print("\nmodel coverage (file):", dict(coverage))
+    run_machine(small_blocks, "file")
 
 
-@pytest.fixture
-def busy_background(mounts, tmp_path):
+def test_random_io_with_busy_background_commits(mounts, tmp_path):
     """Commits of open files every 50 ms and compaction at 4 slices: the background
     work runs between (and during) the machine's calls."""
-    meta = mounts.format("file", extra=["--block-size", "64K"])
-    m = mounts.mount(meta, "--flush-interval", "0.05", "--compact-threshold", "4")
-    ref = tmp_path / "reference"
-    ref.mkdir()
-    return m.path, str(ref)
+    run_machine(model_dirs(mounts, tmp_path, "file", "--flush-interval", "0.05", "--compact-threshold", "4"),
+                "busy background")
 
 
-def test_random_io_with_busy_background_commits(busy_background):
-    FileMachine.mount_dir, FileMachine.ref_dir = busy_background
-    coverage.clear()
-    run_state_machine_as_test(FileMachine, settings=SETTINGS)
-    print("\nmodel coverage (busy background):", dict(coverage))
-
-
-@pytest.fixture
-def small_blocks_s3(mounts, tmp_path):
-    meta = mounts.format("s3", extra=["--block-size", "64K"])
-    m = mounts.mount(meta)
-    ref = tmp_path / "reference"
-    ref.mkdir()
-    return m.path, str(ref)
-
-
-def test_random_io_matches_local_file_s3(small_blocks_s3):
-    FileMachine.mount_dir, FileMachine.ref_dir = small_blocks_s3
-    coverage.clear()
-    run_state_machine_as_test(FileMachine, settings=settings(SETTINGS, max_examples=EXAMPLES_S3))
-    print("\nmodel coverage (s3):", dict(coverage))
+def test_random_io_matches_local_file_s3(mounts, tmp_path):
+    run_machine(model_dirs(mounts, tmp_path, "s3"), "s3", EXAMPLES_S3)
 
 
 # ------------------------------------------------------------------ pinned regressions
