@@ -359,6 +359,53 @@ def test_prometheus_metrics_endpoint(mounts):
         scrape(port)
 
 
+def info(path: str) -> dict:
+    return json.loads(cli("info", "--json", path).stdout)
+
+
+def test_info_shows_where_a_files_bytes_are(mounts):
+    """``curvefs info``: a file's slices and block objects, which of them the block cache
+    holds, and its pages in the kernel's page cache, each as it changes."""
+    meta = mounts.format("s3")
+    m = mounts.mount(meta, "--no-passthrough", "--kernel-cache-budget", "0")  # no pushes: pages follow reads
+    wait_bpf(m, observe=False)
+    f = os.path.join(m.path, "f")
+    content = make_file(f, 9 * MiB)
+    with open(f, "r+b") as fh:  # a second slice over the first's middle
+        fh.seek(5 * MiB)
+        fh.write(b"x" * MiB)
+    os.truncate(f, 80 * MiB)  # a hole up to a second chunk
+    d = info(f)
+    assert (d["length"], len(d["chunks"])) == (80 * MiB, 2)
+    [c0, c1] = d["chunks"]
+    assert [row[4] for row in c0["slices"]] == [9 * MiB, MiB] and c1["slices"] == []
+    assert len(c0["objects"]) == 4 and set(d["objects"]) == set(c0["objects"])  # 3 + the second's 1
+    assert d["kernel"]["pages"] == 80 * MiB // 4096 and d["unflushed"] is False
+
+    m.stop()
+    m.cache_dir += "-cold"
+    m.start()
+    wait_bpf(m, observe=False)
+    d = info(f)
+    assert not any(o["memory"] or o["disk"] for o in d["objects"].values())  # all in the bucket only
+    assert d["kernel"]["resident_pages"] == 0 and d["image"] is None
+    with open(f, "rb") as fh:
+        assert fh.read(9 * MiB)[:5 * MiB] == content[:5 * MiB]
+    d = info(f)
+    assert all(o["disk"] for o in d["objects"].values())  # fetched, kept on the disk cache
+    assert d["kernel"]["resident_pages"] >= 9 * MiB // 4096 and d["kernel"]["pages_of"] == "current"
+    fd = os.open(f, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert info(f)["kernel"]["resident_pages"] == 0
+    text = cli("info", f, m.path).stdout
+    assert "2 chunk(s), 2 slice row(s), 4 block object(s)" in text and "directory" in text
+    r = cli("info", os.path.join(m.path, "nope"), check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "No such file" in r.stderr
+    r = cli("info", "/", check=False)
+    assert r.returncode == 6 and "not a curvefs mount" in r.stderr
+
+
 def test_bpf_unavailable_gives_reason(mounts):
     meta = mounts.format("file")
     m = mounts.mount(meta, "--no-bpf")

@@ -131,6 +131,11 @@ class BlockCache:
                 self._mem.move_to_end(key)
             return data
 
+    def in_mem(self, key: str) -> bool:
+        """Non-blocking. Whether the block is held in memory (its recency untouched)."""
+        with self._mem_lock:
+            return key in self._mem
+
     def put_mem(self, key: str, data: bytes) -> None:
         """Non-blocking. Keep ``data`` in memory, evicting LRU blocks to fit."""
         n = len(data)

@@ -13,7 +13,7 @@ import sys
 
 from ..errors import QuietError
 
-COMMANDS = ["format", "mount", "umount", "stats", "status", "warmup", "bench", "gc", "fsck", "dump", "load"]
+COMMANDS = ["format", "mount", "umount", "stats", "status", "info", "warmup", "bench", "gc", "fsck", "dump", "load"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from typing import Iterator
 
 from ..config import check_meta_url, redact, refuse_unfinished_load
@@ -75,3 +76,16 @@ def open_volume_and_store(meta_url: str) -> Iterator[tuple]:
             store.close()
     finally:
         engine.close()
+
+
+def mountpoint_of(path: str) -> str:
+    """The curvefs mount that ``path`` is on (QuietError 6 if none)."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.exists(os.path.join(path, ".control")):
+        raise QuietError(f"{path} is not a curvefs mount", 6)
+    return path

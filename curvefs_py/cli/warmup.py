@@ -15,6 +15,7 @@ import time
 
 from ..errors import QuietError
 from .units import fmt_bytes
+from .volume import mountpoint_of
 
 
 def register(sub) -> None:
@@ -24,18 +25,6 @@ def register(sub) -> None:
     p.add_argument("--no-kernel", action="store_true", help="fill only the local block cache, not the page cache")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
-
-
-def _mountpoint(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.ismount(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    if not os.path.exists(os.path.join(path, ".control")):
-        raise QuietError(f"{path} is not a curvefs mount", 6)
-    return path
 
 
 def _collect(paths):
@@ -63,7 +52,7 @@ def _collect(paths):
 
 
 def run(args) -> int:
-    mps = {_mountpoint(p) for p in args.paths}
+    mps = {mountpoint_of(p) for p in args.paths}
     if len(mps) != 1:
         raise QuietError("all PATHs must be on one curvefs mount", 1)
     mp = mps.pop()

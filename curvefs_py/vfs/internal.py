@@ -16,7 +16,8 @@ current state, never the page cache.
   ``"done": true``.  The request runs in the daemon's nursery and goes on if
   the client goes away. ``{"cmd": "observe", "seconds": N}`` keeps the kernel
   observers (per-read and per-stat BPF counters) attached for N more seconds;
-  ``curvefs stats`` sends it on every refresh.
+  ``curvefs stats`` sends it on every refresh.  ``{"cmd": "info", "inode": N}``
+  answers (at once) where the file's bytes are: ``VFS.info``.
 """
 from __future__ import annotations
 
@@ -98,6 +99,13 @@ class InternalFiles:
                 raise FsError(errno.EINVAL, "observe: seconds must be a number") from None
             ok = await vfs.observe(seconds)
             self._status[h.fh] = {"cmd": cmd, "observing": ok, "done": True}
+            return len(data)
+        if cmd == "info":  # curvefs info: where a file's bytes are
+            try:
+                ino = int(req["inode"])
+            except (KeyError, TypeError, ValueError):
+                raise FsError(errno.EINVAL, "info: inode must be a number") from None
+            self._status[h.fh] = {**await vfs.info(ino), "cmd": cmd, "done": True}
             return len(data)
         if cmd != "warmup":
             raise FsError(errno.EINVAL, f"unknown control command {cmd!r}")

@@ -252,6 +252,11 @@ class Images:
             self._files.move_to_end(name)
         return os.path.join(self.dir, name)
 
+    def is_held(self, path: str) -> bool:
+        """Non-blocking. Whether the image is mapped by this daemon (a hold)."""
+        with self._lock:
+            return os.path.basename(path) in self._held
+
     def forget(self, path: str, unmap: bool = True) -> None:
         """Blocking. Remove an image (open files of it stay valid); ``unmap``:
         stop counting its page-cache events (its inode number may be reused)."""

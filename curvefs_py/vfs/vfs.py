@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
 import trio
 
 from .. import ROOT_INODE, metrics, threads
+from ..chunk.layout import overlay
 from ..errors import FsError, NoSuchKey
 from ..types import Attr, DirEntry, Format, SetAttr, Slice, StatFs
 from .compactor import Compactor
@@ -168,6 +169,46 @@ class VFS:
             except Exception as exc:
                 log.debug("per-inode BPF read failed: %s", exc)
         out["names"] = {ino: self.names[ino] for ino in out if ino in self.names}  # type: ignore[index]
+        return out
+
+    async def info(self, ino: int) -> dict:
+        """Where the bytes of ``ino`` are (``curvefs info``): its chunks and slices, its
+        block objects and which are in the local block cache, its pages in the kernel's
+        page cache (BPF), its passthrough image and unflushed writes."""
+        attr = await self._meta(self.engine.getattr, ino)
+        out: dict = {"inode": ino, "mode": attr.mode, "nlink": attr.nlink, "length": attr.length,
+                     "data_version": attr.data_version, "mtime_ns": attr.mtime_ns}
+        if not attr.is_file:
+            return out
+        cs, bs, cache = self.fmt.chunk_size, self.fmt.block_size, self.chunks.cache
+        chunks, objects = [], {}
+        for idx in range((attr.length + cs - 1) // cs):
+            rows = await self._meta(self.engine.read_chunk, ino, idx)
+            keys = []
+            for seg in overlay(rows, 0, min(cs, attr.length - idx * cs)):
+                for b in seg.blocks(bs) if seg.id else ():
+                    key = self.chunks.key(seg.id, seg.size, b)
+                    if key not in objects:
+                        objects[key] = {"memory": cache.in_mem(key),
+                                        "disk": self.chunks.local_store or cache.has_disk(key)}
+                        keys.append(key)
+            chunks.append({"index": idx, "slices": [[s.pos, s.id, s.size, s.off, s.len] for s in rows],
+                           "objects": keys})
+        out["chunks"] = chunks
+        out["objects"] = objects
+        out["local_store"] = self.chunks.local_store
+        probe = self.kernel_probe
+        version = self.kernel_versions.get(ino)
+        out["kernel"] = {
+            "pages": (attr.length + 4095) // 4096,
+            "resident_pages": probe.resident_pages(ino) if probe is not None and probe.available else None,
+            "pages_of": ("current" if version == attr.data_version else
+                         "stale" if version is not None else "never opened here")}
+        image = self.images.lookup(attr) if self.images.eligible(attr) else None
+        out["image"] = None if image is None else {"path": image, "held": self.images.is_held(image),
+                                                   "passthrough_open": ino in self.passthrough.modes}
+        d = self.writers.dirty_length(ino)
+        out["unflushed"] = d is not None
         return out
 
     def _check_writable(self) -> None:
