@@ -376,9 +376,9 @@ def test_info_shows_where_a_files_bytes_are(mounts):
         fh.write(b"x" * MiB)
     os.truncate(f, 80 * MiB)  # a hole up to a second chunk
     d = info(f)
-    assert (d["length"], len(d["chunks"])) == (80 * MiB, 2)
-    [c0, c1] = d["chunks"]
-    assert [row[4] for row in c0["slices"]] == [9 * MiB, MiB] and c1["slices"] == []
+    assert (d["length"], len(d["chunks"]), d["empty_chunks"]) == (80 * MiB, 1, 1)
+    [c0] = d["chunks"]
+    assert [row[4] for row in c0["slices"]] == [9 * MiB, MiB]
     assert len(c0["objects"]) == 4 and set(d["objects"]) == set(c0["objects"])  # 3 + the second's 1
     assert d["kernel"]["pages"] == 80 * MiB // 4096 and d["unflushed"] is False
 
@@ -399,9 +399,19 @@ def test_info_shows_where_a_files_bytes_are(mounts):
     os.close(fd)
     assert info(f)["kernel"]["resident_pages"] == 0
     text = cli("info", f, m.path).stdout
-    assert "2 chunk(s), 2 slice row(s), 4 block object(s)" in text and "directory" in text
-    r = cli("info", os.path.join(m.path, "nope"), check=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "No such file" in r.stderr
+    assert "2 chunk(s) (1 empty), 2 slice row(s), 4 block object(s)" in text and "directory" in text
+    r = cli("info", os.path.join(m.path, "nope"), os.path.join(m.path, ".stats"), f, check=False)
+    assert r.returncode == 1 and r.stdout.count("block object(s)") == 1  # the others are still shown
+    errs = r.stderr.splitlines()
+    assert len(errs) == 2 and "nope: No such file" in errs[0] and ".stats: Invalid argument" in errs[1], errs
+    # a big sparse file: its empty chunks are counted, the answer comes in pieces
+    big = os.path.join(m.path, "big")
+    with open(big, "wb") as fh:
+        fh.truncate(1 << 40)  # 1 TiB: 16,384 empty chunks
+        fh.seek((1 << 40) - 10)
+        fh.write(b"the end")
+    d = info(big)
+    assert (d["empty_chunks"], len(d["chunks"]), d["object_counts"]["total"]) == (16383, 1, 1)
     r = cli("info", "/", check=False)
     assert r.returncode == 6 and "not a curvefs mount" in r.stderr
 

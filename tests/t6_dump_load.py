@@ -157,7 +157,7 @@ def test_load_refuses_bad_input(mounts, tmp_path, dumped):
     mp = tmp_path / "mp"
     mp.mkdir()
     for args in (("mount", cut, str(mp), "--cache-dir", str(tmp_path / "c")), ("gc", cut), ("fsck", cut),
-                 ("dump", cut, str(tmp_path / "again"))):
+                 ("dump", cut, str(tmp_path / "again")), ("format", cut, "vol", "--force")):
         fails(*args, code=5, contains="did not finish")
     assert "loading" in cli("status", cut, "--json").stdout
     fails("load", cut, dump, code=5, contains="already holds a volume")

@@ -5,7 +5,7 @@ import errno
 import os
 import uuid
 
-from ..config import check_meta_url, parse_size, redact, sqlite_path
+from ..config import check_meta_url, parse_size, redact, refuse_unfinished_load, sqlite_path
 from ..errors import FsError, ObjectStoreError, QuietError
 from .. import CHUNK_SIZE
 
@@ -63,6 +63,8 @@ def run(args) -> int:
             if exc.errno != errno.ENOENT:
                 raise QuietError(f"cannot read metadata: {exc}", 4) from None
             old = None
+        if old is not None:  # --force does not finish (or hide) an unfinished load
+            refuse_unfinished_load(old, args.meta_url)
         if old is not None and not args.force:
             raise QuietError(f"{redact(args.meta_url)} already holds volume {old.name!r}; use --force to overwrite its settings", 5)
         try:

@@ -13,7 +13,6 @@ import os
 import stat
 import sys
 
-from ..errors import QuietError
 from .units import fmt_bytes
 from .volume import mountpoint_of
 
@@ -29,15 +28,23 @@ def register(sub) -> None:
 
 
 def ask(mp: str, ino: int) -> dict:
+    """The daemon's answer about ``ino``; OSError as the daemon or kernel gave it."""
     fd = os.open(os.path.join(mp, ".control"), os.O_RDWR)
     try:
-        try:
-            os.write(fd, json.dumps({"cmd": "info", "inode": ino}).encode())
-        except OSError as exc:
-            raise QuietError(f"inode {ino}: {os.strerror(exc.errno or errno.EIO)}", 1) from None
-        return json.loads(os.pread(fd, 1 << 24, 0))
+        os.write(fd, json.dumps({"cmd": "info", "inode": ino}).encode())
+        parts, off = [], 0
+        while True:  # a long answer comes in pieces
+            b = os.pread(fd, 1 << 20, off)
+            if not b:
+                break
+            parts.append(b)
+            off += len(b)
     finally:
         os.close(fd)
+    try:
+        return json.loads(b"".join(parts))
+    except ValueError as exc:
+        raise OSError(errno.EIO, f"bad answer from the daemon: {exc}") from None
 
 
 def _kind(mode: int) -> str:
@@ -53,13 +60,12 @@ def show(path: str, d: dict) -> None:
           f"{d['nlink']} link(s), data version {d['data_version']}")
     if "chunks" not in d:
         return
-    objs = d["objects"]
+    objs, n = d["objects"], d["object_counts"]
     nslices = sum(len(c["slices"]) for c in d["chunks"])
-    print(f"  {len(d['chunks'])} chunk(s), {nslices} slice row(s), {len(objs)} block object(s)")
-    mem = sum(1 for o in objs.values() if o["memory"])
-    disk = sum(1 for o in objs.values() if o["disk"])
+    print(f"  {len(d['chunks']) + d['empty_chunks']} chunk(s) ({d['empty_chunks']} empty), "
+          f"{nslices} slice row(s), {n['total']} block object(s)")
     where = "local object store" if d.get("local_store") else "disk cache"
-    print(f"  block cache: {mem}/{len(objs)} in memory, {disk}/{len(objs)} on {where}")
+    print(f"  block cache: {n['memory']}/{n['total']} in memory, {n['disk']}/{n['total']} on {where}")
     k = d["kernel"]
     res = k["resident_pages"]
     if res is None:
@@ -82,8 +88,10 @@ def show(path: str, d: dict) -> None:
             print(f"    [{pos}, {pos + ln}) {what}")
         for key in c["objects"]:
             o = objs[key]
-            flags = ",".join(n for n in ("memory", "disk") if o[n]) or "remote"
+            flags = ",".join(w for w in ("memory", "disk") if o[w]) or "remote"
             print(f"    {key}  {flags}")
+    if n["total"] > len(objs):
+        print(f"  ({n['total'] - len(objs)} more block objects not listed)")
 
 
 def run(args) -> int:
@@ -91,11 +99,12 @@ def run(args) -> int:
     for path in args.paths:
         try:
             ino = os.lstat(path).st_ino
-        except OSError as exc:
-            print(f"curvefs info: {path}: {exc.strerror}", file=sys.stderr)
+            d = ask(mountpoint_of(path), ino)
+        except OSError as exc:  # gone meanwhile, not a file of the volume, daemon trouble
+            print(f"curvefs info: {path}: {exc.strerror or os.strerror(exc.errno or errno.EIO)}",
+                  file=sys.stderr)
             rc = 1
             continue
-        d = ask(mountpoint_of(path), ino)
         if args.json:
             print(json.dumps({"path": path, **d}, sort_keys=True))
         else:

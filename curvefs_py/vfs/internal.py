@@ -53,6 +53,7 @@ class InternalFiles:
         self._inode_stats = inode_stats
         self._start_ns = time.time_ns()
         self._status: Dict[int, dict] = {}
+        self._rendered: Dict[int, bytes] = {}  # per handle: its status as last read from 0
 
     def render(self, ino: int) -> bytes:
         if ino == STATS_INO:
@@ -132,11 +133,16 @@ class InternalFiles:
         vfs._nursery.start_soon(run, name="warmup")
         return len(data)
 
-    def control_status(self, h: "Handle") -> bytes:
-        st = self._status.get(h.fh)
-        if st is None:
-            return b'{"done": true, "idle": true}\n'
-        return (json.dumps(st) + "\n").encode()
+    def control_status(self, h: "Handle", off: int = 0, size: int = 1 << 20) -> bytes:
+        """The status line of the handle's request, read from ``off``: rendered anew at
+        offset 0 (a warmup's progress moves on) and kept for the READs that follow, so
+        that a long answer (``info`` of a big file) arrives in pieces of one rendering."""
+        if off == 0:
+            st = self._status.get(h.fh)
+            self._rendered[h.fh] = (b'{"done": true, "idle": true}\n' if st is None
+                                    else (json.dumps(st) + "\n").encode())
+        return self._rendered.get(h.fh, b"")[off:off + size]
 
     def forget(self, fh: int) -> None:
         self._status.pop(fh, None)
+        self._rendered.pop(fh, None)

@@ -243,13 +243,15 @@ class Images:
         self._scanned = True
         self._gauges()
 
-    def lookup(self, attr: "Attr") -> Optional[str]:
-        """Non-blocking. The current image of the file, if there is one."""
+    def lookup(self, attr: "Attr", touch: bool = True) -> Optional[str]:
+        """Non-blocking. The current image of the file, if there is one (``touch``:
+        a use, which moves it to the end of the eviction order)."""
         name = self.name(attr.ino, attr.data_version, attr.length)
         with self._lock:  # short: worker threads hold it for dict operations only
             if name not in self._files:
                 return None
-            self._files.move_to_end(name)
+            if touch:
+                self._files.move_to_end(name)
         return os.path.join(self.dir, name)
 
     def is_held(self, path: str) -> bool:

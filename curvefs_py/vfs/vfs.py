@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 STALE = -1  # kernel_versions: the kernel may hold pages of an older data version
 #: the writes of a file kept open are committed within this many seconds (writer.py)
 FLUSH_INTERVAL_S = 10.0
+#: ``info`` lists at most this many block objects one by one (it counts them all)
+INFO_MAX_OBJECTS = 100_000
 
 
 class KernelNotifier(Protocol):
@@ -175,6 +177,8 @@ class VFS:
         """Where the bytes of ``ino`` are (``curvefs info``): its chunks and slices, its
         block objects and which are in the local block cache, its pages in the kernel's
         page cache (BPF), its passthrough image and unflushed writes."""
+        if is_internal(ino) or not 0 < ino < 1 << 63:
+            raise FsError(errno.EINVAL, "not a file of the volume")
         attr = await self._meta(self.engine.getattr, ino)
         out: dict = {"inode": ino, "mode": attr.mode, "nlink": attr.nlink, "length": attr.length,
                      "data_version": attr.data_version, "mtime_ns": attr.mtime_ns}
@@ -182,29 +186,43 @@ class VFS:
             return out
         cs, bs, cache = self.fmt.chunk_size, self.fmt.block_size, self.chunks.cache
         chunks, objects = [], {}
+        counts = {"total": 0, "memory": 0, "disk": 0}
+        holes = 0  # chunks without a slice (a sparse file's): counted, not listed
         for idx in range((attr.length + cs - 1) // cs):
             rows = await self._meta(self.engine.read_chunk, ino, idx)
+            if not rows:
+                holes += 1
+                continue
             keys = []
             for seg in overlay(rows, 0, min(cs, attr.length - idx * cs)):
                 for b in seg.blocks(bs) if seg.id else ():
                     key = self.chunks.key(seg.id, seg.size, b)
-                    if key not in objects:
-                        objects[key] = {"memory": cache.in_mem(key),
-                                        "disk": self.chunks.local_store or cache.has_disk(key)}
+                    if key in objects:
+                        continue
+                    where = {"memory": cache.in_mem(key), "disk": self.chunks.local_store or cache.has_disk(key)}
+                    counts["total"] += 1
+                    counts["memory"] += where["memory"]
+                    counts["disk"] += where["disk"]
+                    if len(objects) < INFO_MAX_OBJECTS:  # (a block shown twice is counted twice past it)
+                        objects[key] = where
                         keys.append(key)
             chunks.append({"index": idx, "slices": [[s.pos, s.id, s.size, s.off, s.len] for s in rows],
                            "objects": keys})
         out["chunks"] = chunks
-        out["objects"] = objects
+        out["empty_chunks"] = holes
+        out["objects"] = objects  # the first INFO_MAX_OBJECTS
+        out["object_counts"] = counts
         out["local_store"] = self.chunks.local_store
         probe = self.kernel_probe
         version = self.kernel_versions.get(ino)
+        resident = None
+        if probe is not None and probe.available:  # its lock may be held by an attach: off the loop
+            resident = await threads.run_blocking(probe.resident_pages, ino, limiter=threads.DISK)
         out["kernel"] = {
-            "pages": (attr.length + 4095) // 4096,
-            "resident_pages": probe.resident_pages(ino) if probe is not None and probe.available else None,
+            "pages": (attr.length + 4095) // 4096, "resident_pages": resident,
             "pages_of": ("current" if version == attr.data_version else
                          "stale" if version is not None else "never opened here")}
-        image = self.images.lookup(attr) if self.images.eligible(attr) else None
+        image = self.images.lookup(attr, touch=False) if self.images.eligible(attr) else None
         out["image"] = None if image is None else {"path": image, "held": self.images.is_held(image),
                                                    "passthrough_open": ino in self.passthrough.modes}
         d = self.writers.dirty_length(ino)
@@ -398,7 +416,7 @@ class VFS:
             await trio.sleep(interval)
             try:
                 await self._meta(self.engine.heartbeat)
-                if trio.current_time() - last_clean > 60:
+                if not self.read_only and trio.current_time() - last_clean > 60:  # (a write)
                     last_clean = trio.current_time()
                     dead = await self._meta(self.engine.clean_stale_sessions, timeout)
                     if dead:
@@ -641,7 +659,7 @@ class VFS:
         h = self.handles.get(fh)
         if h.content is not None:
             if h.ino == CONTROL_INO:
-                return self.internal.control_status(h) if off == 0 else b""
+                return self.internal.control_status(h, off, size)
             return h.content[off:off + size]
         ino = h.ino
         self.inode_reads[ino] = self.inode_reads.get(ino, 0) + 1
