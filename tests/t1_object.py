@@ -242,6 +242,10 @@ def test_file_layout(tmp_path):
     st.delete_partial("chunks/0/1/.tmp-deadbeef")
     st.delete_partial("chunks/0/1/.tmp-deadbeef")  # idempotent
     assert list(st.list_partial()) == [] and st.get("chunks/0/1/1234_0_3") == b"abc"
+    (tmp_path / "chunks/7/7").mkdir(parents=True)
+    (tmp_path / "chunks/7/7/.tmp-alone").write_bytes(b"x")
+    st.delete_partial("chunks/7/7/.tmp-alone")
+    assert not (tmp_path / "chunks/7").exists()  # the fan-out it emptied is pruned
     st.put("chunks/0/2/1_0_1", b"z")
     st.delete("chunks/0/1/1234_0_3")
     assert sorted(os.listdir(tmp_path / "chunks/0")) == ["2"]  # emptied fan-out dir pruned

@@ -37,6 +37,9 @@ from ..object.base import ObjectInfo, ObjectStore
 
 #: ``chunks/{id // 10**6}/{id // 1000}/{id}_{block}_{len}`` (layout.block_key).
 _BLOCK_KEY = re.compile(r"chunks/(\d+)/(\d+)/(\d+)_(\d+)_(\d+)")
+#: A put's temporary file younger than this may belong to a put still running (the
+#: file store writes, fsyncs and renames it): kept whatever --min-age says.
+PARTIAL_MIN_AGE_S = 600.0
 #: Queue reads: every pending delete at once.
 _ALL = 1 << 62
 
@@ -115,7 +118,7 @@ def audit(engine: Engine, store: ObjectStore, block_size: int, min_age: float = 
     if progress is not None:
         progress(a.listed, a.listed_bytes)
     for obj in store.list_partial("chunks/"):  # never named by anything: age is all
-        if obj.mtime <= 0 or obj.mtime > started - min_age:
+        if obj.mtime <= 0 or obj.mtime > started - max(min_age, PARTIAL_MIN_AGE_S):
             a.young += 1
         else:
             a.partial.append(obj)

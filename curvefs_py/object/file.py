@@ -208,13 +208,7 @@ class FileStore(ObjectStore):
                 metrics.inc("object_errors")
                 raise self._os_error(exc, "DELETE", key) from None
         else:
-            d = os.path.dirname(path)
-            while d != self.root and d.startswith(self.root + os.sep):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break  # not empty (or gone already): stop pruning
-                d = os.path.dirname(d)
+            self._prune(os.path.dirname(path))
         metrics.observe_us("object_delete", (time.perf_counter() - t0) * 1e6)
 
     def head(self, key: str) -> int:
@@ -256,10 +250,20 @@ class FileStore(ObjectStore):
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            return
         except OSError as exc:
             metrics.inc("object_errors")
             raise self._os_error(exc, "DELETE", key) from None
+        self._prune(os.path.dirname(path))
+
+    def _prune(self, d: str) -> None:
+        """Remove the fan-out directories an unlink left empty, up to the root."""
+        while d != self.root and d.startswith(self.root + os.sep):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # not empty (or gone already): stop pruning
+            d = os.path.dirname(d)
 
     def _walk(self, dirpath: str, keyprefix: str, prefix: str, partial: bool = False) -> Iterator[ObjectInfo]:
         try:
