@@ -65,7 +65,7 @@ def run(args) -> int:
             "listed": a.listed, "listed_bytes": a.listed_bytes, "named": a.named,
             "queued": a.queued, "queued_slices": a.queued_slices, "young": a.young,
             "foreign": a.foreign, "leaked": len(a.leaked), "leaked_bytes": a.leaked_bytes,
-            "partial": len(a.partial), "partial_bytes": sum(o.size for o in a.partial),
+            "partial": len(a.partial), "partial_bytes": a.partial_bytes,
             "deleted": deleted, "deleted_bytes": deleted_bytes, "kept": kept,
             "broken_files": len(a.broken), "broken_blocks": broken_blocks, "seconds": round(took, 3),
         }, indent=1, sort_keys=True))
@@ -77,7 +77,7 @@ def run(args) -> int:
     print(f"  not block objects   {a.foreign} (left alone)")
     print(f"  leaked              {len(a.leaked)} ({fmt_bytes(a.leaked_bytes)})")
     if a.partial:
-        print(f"  unfinished uploads  {len(a.partial)} ({fmt_bytes(sum(o.size for o in a.partial))}; "
+        print(f"  unfinished uploads  {len(a.partial)} ({fmt_bytes(a.partial_bytes)}; "
               "left by a crash during a put)")
     if a.broken:
         print(f"warning: {len(a.broken)} files miss {broken_blocks} block objects: run `curvefs fsck`")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from .. import ROOT_INODE
-from ..chunk.layout import block_count, block_key, block_len
+from ..chunk.layout import slice_keys
 from ..errors import FsError, NoSuchKey
 from ..meta.engine import Engine
 from ..object.base import ObjectInfo, ObjectStore
@@ -71,13 +71,17 @@ class Audit:
     def leaked_bytes(self) -> int:
         return sum(o.size for o in self.leaked)
 
+    @property
+    def partial_bytes(self) -> int:
+        return sum(o.size for o in self.partial)
+
 
 def _named_keys(slices: Iterable[tuple[int, int, int]], block_size: int) -> dict[str, set[int]]:
     """Every block key of the slices -> the inodes whose chunks name it."""
     out: dict[str, set[int]] = {}
     for sid, size, ino in slices:
-        for b in range(block_count(size, block_size)):
-            out.setdefault(block_key(sid, b, block_len(size, b, block_size)), set()).add(ino)
+        for key in slice_keys(sid, size, block_size):
+            out.setdefault(key, set()).add(ino)
     return out
 
 
@@ -111,14 +115,14 @@ def audit(engine: Engine, store: ObjectStore, block_size: int, min_age: float = 
             a.queued += 1
         elif not _BLOCK_KEY.fullmatch(obj.key):
             a.foreign += 1
-        elif obj.mtime <= 0 or obj.mtime > started - min_age:  # (no upload time: unknown age)
+        elif _young(obj, started, min_age):
             a.young += 1
         else:
             a.leaked.append(obj)
     if progress is not None:
         progress(a.listed, a.listed_bytes)
     for obj in store.list_partial("chunks/"):  # never named by anything: age is all
-        if obj.mtime <= 0 or obj.mtime > started - max(min_age, PARTIAL_MIN_AGE_S):
+        if _young(obj, started, max(min_age, PARTIAL_MIN_AGE_S)):
             a.young += 1
         else:
             a.partial.append(obj)
@@ -128,6 +132,11 @@ def audit(engine: Engine, store: ObjectStore, block_size: int, min_age: float = 
     if suspects:
         a.broken = _confirm_broken(engine, store, block_size, suspects)
     return a
+
+
+def _young(obj: ObjectInfo, started: float, min_age: float) -> bool:
+    """Uploaded less than ``min_age`` seconds before ``started`` (or at an unknown time)."""
+    return obj.mtime <= 0 or obj.mtime > started - min_age
 
 
 def _key_len(key: str) -> int:
@@ -191,9 +200,7 @@ def paths_of(engine: Engine, inos: Iterable[int]) -> dict[int, str]:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 continue  # removed while we walk
             raise
-        for e in entries:
-            if e.name in (b".", b".."):
-                continue
+        for e in entries:  # (readdir gives no . and ..)
             p = f"{path}/{e.name.decode(errors='surrogateescape')}"
             if e.ino in want and e.ino not in out:
                 out[e.ino] = p

@@ -88,7 +88,7 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
     root = engine.getattr(ROOT_INODE)
     line({"ino": ROOT_INODE, "attr": _attr(root), "xattrs": _xattrs(engine, ROOT_INODE)})
     seen = {ROOT_INODE}
-    entries = max_id = 0
+    entries = 0
     slice_ids: set[int] = set()
     todo = [ROOT_INODE]
     while todo:
@@ -112,14 +112,14 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
                     if rows:
                         chunks[str(idx)] = [[s.pos, s.id, s.size, s.off, s.len] for s in rows]
                         slice_ids.update(s.id for s in rows if s.id)
-                        max_id = max([max_id] + [s.id for s in rows])
                 rec["chunks"] = chunks
             elif a.is_dir:
                 todo.append(e.ino)
             line(rec)
             if progress is not None and len(seen) % 1000 == 0:
                 progress(len(seen))
-    end = {"inodes": len(seen), "entries": entries, "slices": len(slice_ids), "max_slice_id": max_id}
+    end = {"inodes": len(seen), "entries": entries, "slices": len(slice_ids),
+           "max_slice_id": max(slice_ids, default=0)}
     line({"end": end})
     return end
 

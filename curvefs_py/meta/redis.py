@@ -1366,10 +1366,9 @@ class RedisEngine(Engine):
         while True:
             ((cursor, keys),) = self._plain([(b"SCAN", cursor, b"MATCH", b"c[0-9]*_[0-9]*",
                                               b"COUNT", self.scan_count)])
-            keys = [k for k in keys if _CHUNK_KEY.fullmatch(k)]
-            lists = self._plain([(b"LRANGE", k, 0, -1) for k in keys]) if keys else []
-            for key, rows in zip(keys, lists):
-                ino = int(_CHUNK_KEY.fullmatch(key).group(1))
+            inos = {k: int(m.group(1)) for k in keys if (m := _CHUNK_KEY.fullmatch(k))}
+            lists = self._plain([(b"LRANGE", k, 0, -1) for k in inos]) if inos else []
+            for ino, rows in zip(inos.values(), lists):
                 for r in rows:
                     sl = _unpack_slice(r)
                     if sl.id:

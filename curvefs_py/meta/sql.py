@@ -930,11 +930,10 @@ class SqlEngine(Engine):
     # =================================================================== data
     def read_chunk(self, ino: int, chunk_idx: int) -> list[Slice]:
         def fn(tx: Txn) -> list[Slice]:
-            rows = tx.all("SELECT pos, id, size, off, len FROM chunk WHERE ino = ? AND idx = ? ORDER BY seq",
-                          ino, chunk_idx)
+            rows = self._chunk_rows(tx, ino, chunk_idx)
             if not rows:
                 self._node(tx, ino)  # ENOENT for a missing inode, [] for a hole
-            return [Slice(*r) for r in rows]
+            return rows
 
         return self._txn(fn, write=False)
 
@@ -956,9 +955,7 @@ class SqlEngine(Engine):
                 raise FsError(errno.EAGAIN, "the file changed meanwhile")
             if expect_rows is not None:
                 [(idx, _)] = slices
-                rows = tx.all("SELECT pos, id, size, off, len FROM chunk WHERE ino = ? AND idx = ?"
-                              " ORDER BY seq", ino, idx)
-                if [Slice(*r) for r in rows] != list(expect_rows):
+                if self._chunk_rows(tx, ino, idx) != list(expect_rows):
                     raise FsError(errno.EAGAIN, "the chunk changed meanwhile")
             fmt = self._fmt(tx)
             for idx, s in slices:
@@ -978,6 +975,12 @@ class SqlEngine(Engine):
             return a
 
         return self._txn(fn)
+
+    @staticmethod
+    def _chunk_rows(tx: Txn, ino: int, idx: int) -> list[Slice]:
+        """A chunk's slices in commit order."""
+        return [Slice(*r) for r in tx.all("SELECT pos, id, size, off, len FROM chunk"
+                                          " WHERE ino = ? AND idx = ? ORDER BY seq", ino, idx)]
 
     def skip_slice_ids(self, past: int) -> None:
         # the counter holds the next id to hand out

@@ -230,16 +230,17 @@ class FileStore(ObjectStore):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Blocking. Every object whose key starts with ``prefix``, in key order."""
-        base, sep, _ = prefix.rpartition("/")
-        start = os.path.join(self.root, *base.split("/")) if base else self.root
-        return self._walk(start, base + sep, prefix)
+        return self._list(prefix, partial=False)
 
     def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Blocking. The temporary files of puts that never finished (a crash between
         write and rename), under directories whose keys start with ``prefix``."""
+        return self._list(prefix, partial=True)
+
+    def _list(self, prefix: str, partial: bool) -> Iterator[ObjectInfo]:
         base, sep, _ = prefix.rpartition("/")
         start = os.path.join(self.root, *base.split("/")) if base else self.root
-        return self._walk(start, base + sep, prefix, partial=True)
+        return self._walk(start, base + sep, prefix, partial)
 
     def delete_partial(self, key: str) -> None:
         """Blocking. Remove a temporary file that ``list_partial`` gave."""
@@ -265,7 +266,7 @@ class FileStore(ObjectStore):
                 break  # not empty (or gone already): stop pruning
             d = os.path.dirname(d)
 
-    def _walk(self, dirpath: str, keyprefix: str, prefix: str, partial: bool = False) -> Iterator[ObjectInfo]:
+    def _walk(self, dirpath: str, keyprefix: str, prefix: str, partial: bool) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(dirpath) as it:
                 entries = []

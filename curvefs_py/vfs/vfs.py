@@ -225,8 +225,7 @@ class VFS:
         image = self.images.lookup(attr, touch=False) if self.images.eligible(attr) else None
         out["image"] = None if image is None else {"path": image, "held": self.images.is_held(image),
                                                    "passthrough_open": ino in self.passthrough.modes}
-        d = self.writers.dirty_length(ino)
-        out["unflushed"] = d is not None
+        out["unflushed"] = self.writers.dirty_length(ino) is not None
         return out
 
     def _check_writable(self) -> None:
@@ -254,7 +253,7 @@ class VFS:
         while True:
             await trio.sleep(max(interval / 4, 0.1))
             try:
-                await self.writers.commit_idle(interval)
+                await self.writers.commit_idle()
             except Exception as exc:  # never end the mount over a background commit
                 log.exception("background commit failed: %s", exc)
 
@@ -323,17 +322,14 @@ class VFS:
     def _on_commit(self, attr: Attr, bumped: bool = True) -> None:
         """A data change of ours committed; ``bumped``: it certainly added one to
         data_version (a write does; a truncate to the length the file already had
-        does not, and then ``attr`` may carry another client's version)."""
+        does not, and then ``attr`` may carry another client's version).  What a
+        rewrite does, and the bytes changed: the pusher forgets what it pushed."""
         ino = attr.ino
-        self._changed(ino, version=attr.data_version)
+        self._on_rewrite(attr)
         self.pusher.changed(ino)
-        self._drop_slices(ino)
-        if ino in self.open_attrs:
-            self.open_attrs[ino] = attr
         # our own writes went through the page cache: the kernel's copy is current
         if bumped and self.kernel_versions.get(ino) == attr.data_version - 1:
             self.kernel_versions[ino] = attr.data_version
-        self._delete_kick.set()
 
     def _on_rewrite(self, attr: Attr) -> None:
         """Our compaction committed: the same bytes under new slices, data_version
@@ -343,7 +339,7 @@ class VFS:
         self._drop_slices(attr.ino)
         if attr.ino in self.open_attrs:
             self.open_attrs[attr.ino] = attr
-        self._delete_kick.set()
+        self._delete_kick.set()  # the hidden slices are queued for deletion
 
     def _drop_slices(self, ino: int) -> None:
         """Forget the cached slice lists of ``ino`` (its chunks changed or may have);

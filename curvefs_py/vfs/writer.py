@@ -17,8 +17,8 @@ Protocol (one ``FileWriter`` per inode with unflushed data):
   uploads, and only then commits every slice in one engine transaction.  So a
   crash can leak objects (reclaimed by gc) but metadata never points at a
   missing object.  Once flush returns, the data is durable.
-* ``commit_idle(interval)`` flushes every file whose oldest unflushed write is
-  older than ``interval`` (the VFS calls it every ``interval / 4``): the writes
+* ``commit_idle()`` flushes every file whose oldest unflushed write is older
+  than ``flush_interval`` (the VFS calls it every quarter of that): the writes
   of a file kept open are committed within seconds, as in JuiceFS, so they are
   visible to other clients, and an uploaded block is never left unnamed for
   long (``gc`` takes objects unnamed for ``--min-age`` for leaks).  A failure
@@ -204,7 +204,7 @@ class Writers:
                     or fw.buffered_bytes() > self.max_buffer)
         if pressure:
             await self._flush_locked(fw)
-        elif self.flush_interval and trio.current_time() - fw.dirty_since >= self.flush_interval:
+        elif self._due(fw):
             await self._timed_commit(fw)  # a steady writer holds the lock commit_idle skips
 
     async def _start_upload(self, sw: SliceWriter, b: int) -> None:
@@ -257,12 +257,16 @@ class Writers:
             if err is not None:
                 raise err
 
-    async def commit_idle(self, interval: float) -> None:
-        """Flush the files whose oldest unflushed write is older than ``interval``
+    def _due(self, fw: FileWriter) -> bool:
+        """Whether ``fw``'s oldest unflushed write is older than ``flush_interval``."""
+        return (bool(self.flush_interval) and fw.dirty
+                and trio.current_time() - fw.dirty_since >= self.flush_interval)
+
+    async def commit_idle(self) -> None:
+        """Flush the files whose oldest unflushed write is older than ``flush_interval``
         seconds, but for those a write or flush is busy with (``write`` then commits
         at its end); a failure is kept for the file's next flush by a writer."""
-        now = trio.current_time()
-        for fw in [fw for fw in self.by_ino.values() if fw.dirty and now - fw.dirty_since >= interval]:
+        for fw in [fw for fw in self.by_ino.values() if self._due(fw)]:
             if fw.lock.locked():
                 continue
             async with fw.lock:
