@@ -273,3 +273,33 @@ def test_gc_bad_options(file_volume):
     for bad in ("-1", "nan", "inf"):  # nan would turn the age check off
         fails(["gc", file_volume, "--min-age", bad], 3, contains="min-age")
     fails(["gc", file_volume, "--threads", "0"], 3, contains="threads")
+
+
+def test_daemon_log_drops_stale_fuse_replies(tmp_path):
+    """pyfuse3 logs a reply the kernel refused at ERROR.  ENOENT there means the
+    kernel no longer waits for it (an interrupted request, or a background RELEASE
+    still running when unmount aborted the connection: a CI run failed on that
+    line), so the daemon's log counts it and keeps it out of the log unless
+    --debug; any other refused reply stays an ERROR."""
+    script = (
+        "import logging, sys\n"
+        "from curvefs_py import metrics\n"
+        "from curvefs_py.fuse.daemon import setup_logging\n"
+        "setup_logging(sys.argv[1], sys.argv[2] == 'debug')\n"
+        "log = logging.getLogger('pyfuse3')\n"
+        "log.error('fuse_release(): fuse_reply_* failed with %s', 'No such file or directory')\n"
+        "log.error('fuse_read(): fuse_reply_* failed with %s', 'Input/output error')\n"
+        "print(metrics.get('fuse_stale_replies'))\n")
+    for mode, stale_level in [("info", None), ("debug", "DEBUG")]:
+        logf = tmp_path / f"{mode}.log"
+        r = subprocess.run([CLI[0], "-c", script, str(logf), mode], capture_output=True,
+                           text=True, cwd=ROOT, check=True)
+        assert float(r.stdout) == 1
+        lines = logf.read_text().splitlines()
+        eio = [ln for ln in lines if "Input/output error" in ln]
+        assert len(eio) == 1 and " ERROR " in eio[0]
+        stale = [ln for ln in lines if "No such file" in ln]
+        if stale_level is None:
+            assert stale == []
+        else:
+            assert len(stale) == 1 and f" {stale_level} " in stale[0]

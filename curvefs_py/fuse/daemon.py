@@ -325,6 +325,26 @@ def _set_kernel_readahead(mp: str, nbytes: int) -> bool:
         return True
 
 
+class _StaleReplyFilter(logging.Filter):
+    """pyfuse3 logs every failed reply at ERROR.  A reply refused with ENOENT is
+    one the kernel no longer waits for: the request was interrupted, or the
+    connection was aborted at unmount while a background RELEASE was still
+    running (fs/fuse/inode.c fuse_conn_destroy aborts what is in flight after
+    DESTROY).  libfuse itself stays silent on ENOENT (fuse_send_msg: "ENOENT
+    means the operation was interrupted"); the handler's work is done either
+    way, only the reply is lost.  Count it, and log it at DEBUG."""
+
+    _STALE = "fuse_reply_* failed with " + os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and self._STALE in record.getMessage():
+            metrics.inc("fuse_stale_replies")
+            if not logging.getLogger().isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def setup_logging(log_file: str | None, debug: bool) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -335,4 +355,9 @@ def setup_logging(log_file: str | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    fuse_log = logging.getLogger("pyfuse3")
+    for f in list(fuse_log.filters):
+        if isinstance(f, _StaleReplyFilter):
+            fuse_log.removeFilter(f)
+    fuse_log.addFilter(_StaleReplyFilter())
     metrics.set_gauge("daemon_start_unix_s", __import__("time").time())
