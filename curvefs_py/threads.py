@@ -21,8 +21,9 @@ PUSH = "push"
 FEED = "feed"  # the change-feed waiter (one blocking wait at a time)
 INVAL = "inval"  # kernel invalidations (may wait for a pending request)
 HOLD = "hold"  # mapping images in (may read a whole image from the disk)
+STATS = "stats"  # rendering .stats (BPF map reads): one at a time
 
-_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 4, FEED: 1, INVAL: 2, HOLD: 2}
+_sizes: Dict[str, int] = {S3: 20, META: 8, DISK: 8, PUSH: 4, FEED: 1, INVAL: 2, HOLD: 2, STATS: 1}
 _limiters: Dict[str, trio.CapacityLimiter] = {}
 
 

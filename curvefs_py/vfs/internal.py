@@ -25,9 +25,9 @@ import errno
 import json
 import stat
 import time
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict
 
-from .. import INTERNAL_INODE_BASE, metrics
+from .. import INTERNAL_INODE_BASE, metrics, threads
 from ..errors import FsError
 from ..types import Attr
 
@@ -48,25 +48,29 @@ def is_internal(ino: int) -> bool:
 
 
 class InternalFiles:
-    def __init__(self, config: Callable[[], Dict], inode_stats: Callable[[], Dict[int, Dict[str, float]]]):
+    def __init__(self, config: Callable[[], Dict],
+                 inode_stats: Callable[[], Awaitable[Dict[int, Dict[str, float]]]]):
         self._config = config
         self._inode_stats = inode_stats
         self._start_ns = time.time_ns()
         self._status: Dict[int, dict] = {}
         self._rendered: Dict[int, bytes] = {}  # per handle: its status as last read from 0
 
-    def render(self, ino: int) -> bytes:
+    async def render(self, ino: int) -> bytes:
+        """The file's content now.  ``.stats`` reads the BPF maps (a collector of
+        ``metrics.snapshot``, and the per-inode map): in a worker thread."""
         if ino == STATS_INO:
-            return self._render_stats().encode()
+            per = await self._inode_stats()
+            text = await threads.run_blocking(metrics.render_text, limiter=threads.STATS)
+            return self._stats_text(text, per).encode()
         if ino == CONFIG_INO:
             return (json.dumps(self._config(), indent=2, sort_keys=True) + "\n").encode()
         if ino == CONTROL_INO:
             return b""
         raise KeyError(ino)
 
-    def _render_stats(self) -> str:
-        text = metrics.render_text()
-        per = self._inode_stats()
+    @staticmethod
+    def _stats_text(text: str, per: Dict) -> str:
         names = per.pop("names", {})
         busiest = sorted(per.items(), key=lambda kv: -(kv[1].get("kernel_read_calls", 0)
                                                        + kv[1].get("daemon_reads", 0)))[:TOP_INODES]
@@ -79,10 +83,10 @@ class InternalFiles:
                 lines.append(f"# name {ino} {names[ino].decode(errors='replace')!r}")
         return text + ("\n".join(lines) + "\n" if lines else "")
 
-    def attr(self, ino: int) -> Attr:
+    async def attr(self, ino: int) -> Attr:
         now = time.time_ns()
         mode = stat.S_IFREG | (0o666 if ino == CONTROL_INO else 0o444)
-        length = 0 if ino == CONTROL_INO else len(self.render(ino))
+        length = len(await self.render(ino))
         return Attr(ino=ino, mode=mode, nlink=1, uid=0, gid=0, length=length,
                     atime_ns=now, mtime_ns=now, ctime_ns=self._start_ns)
 

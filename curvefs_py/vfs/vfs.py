@@ -158,18 +158,21 @@ class VFS:
             self.names.clear()
         self.names[ino] = name
 
-    def _inode_stats(self) -> Dict[int, Dict[str, float]]:
-        """Per-inode numbers for `stats --top`: daemon reads, BPF kernel counters."""
+    async def _inode_stats(self) -> Dict[int, Dict[str, float]]:
+        """Per-inode numbers for `stats --top`: daemon reads, BPF kernel counters (read
+        in a worker thread: the per-inode map holds up to 65,536 entries)."""
         out: Dict[int, Dict[str, float]] = {}
         for ino, n in self.inode_reads.items():
             out.setdefault(ino, {})["daemon_reads"] = n
         probe = self.kernel_probe
         if probe is not None and probe.available:
             try:
-                for ino, d in probe.per_inode().items():
-                    out.setdefault(ino, {}).update({f"kernel_{k}": v for k, v in d.items()})
+                per = await threads.run_blocking(probe.per_inode, limiter=threads.STATS)
             except Exception as exc:
                 log.debug("per-inode BPF read failed: %s", exc)
+                per = {}
+            for ino, d in per.items():
+                out.setdefault(ino, {}).update({f"kernel_{k}": v for k, v in d.items()})
         out["names"] = {ino: self.names[ino] for ino in out if ino in self.names}  # type: ignore[index]
         return out
 
@@ -468,14 +471,14 @@ class VFS:
     # -------------------------------------------------------- namespace
     async def lookup(self, parent: int, name: bytes) -> Attr:
         if parent == ROOT_INODE and name in INTERNAL_NAMES:
-            return self.internal.attr(INTERNAL_NAMES[name])
+            return await self.internal.attr(INTERNAL_NAMES[name])
         attr = await self._meta(self.engine.lookup, parent, name)
         self._remember(parent, name, attr.ino)
         return self._with_dirty(attr)
 
     async def getattr(self, ino: int) -> Attr:
         if is_internal(ino):
-            return self.internal.attr(ino)
+            return await self.internal.attr(ino)
         attr = await self._meta(self.engine.getattr, ino)
         return self._with_dirty(attr)
 
@@ -571,7 +574,7 @@ class VFS:
             if flags & (os.O_WRONLY | os.O_RDWR) and ino != CONTROL_INO:
                 raise FsError(errno.EACCES)
             h = self.handles.new(ino, flags, is_file=False)
-            h.content = self.internal.render(ino) if ino != CONTROL_INO else b""
+            h.content = await self.internal.render(ino)
             return h.fh, False, True, 0
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._check_writable()
