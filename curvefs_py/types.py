@@ -116,7 +116,6 @@ class Format:
     access_key: str = ""
     secret_key: str = ""
     region: str = ""
-    trash_days: int = 0
     version: int = 1
     #: set while ``curvefs load`` fills a new database: mount, gc and fsck refuse it
     loading: bool = False
