@@ -9,6 +9,7 @@ import trio.testing
 from curvefs_py import ROOT_INODE
 from curvefs_py.chunk.cache import BlockCache
 from curvefs_py.chunk.store import ChunkStore
+from curvefs_py.errors import FsError, MetaError
 from curvefs_py.meta import open_engine
 from curvefs_py.object.file import FileStore
 from curvefs_py.types import Format
@@ -27,15 +28,24 @@ class Volume:
         self.chunks = ChunkStore(store, cache, BS, local_store=True)
         self.held = trio.Event()  # set: the next commit waits for ``release``
         self.release = trio.Event()
+        self.fail_writes = 0  # commits that fail (a metadata outage), then pass
+        self.fail_ids: set[int] = set()  # the n-th slice-id reservations that fail
+        self.ids = 0
         self.writers = Writers(self.chunks, self.engine_call, self.new_id, BS, CS)
 
     async def engine_call(self, name: str, *args):
         if name == "write" and not self.release.is_set():
             self.held.set()
             await self.release.wait()
+        if name == "write" and self.fail_writes:
+            self.fail_writes -= 1
+            raise MetaError("metadata server unreachable")
         return getattr(self.engine, name)(*args)
 
     async def new_id(self) -> int:
+        self.ids += 1
+        if self.ids in self.fail_ids:
+            raise MetaError("cannot reserve slice ids")
         return self.engine.next_slice_id()
 
     async def read(self, ino: int) -> bytes:
@@ -83,3 +93,59 @@ async def test_a_steady_writer_commits_within_the_flush_interval(tmp_path):
         assert v.engine.getattr(ino).length == 30
         assert await v.read(ino) == b"a" * 10 + b"b" * 10 + b"c" * 10
         assert v.writers.dirty_length(ino) is None
+
+
+async def test_an_append_after_a_failed_commit_starts_a_new_slice(tmp_path):
+    """A commit that fails after the upload leaves the slice's partial last block
+    uploaded (its buffer gone); an append at the slice's end must not go into that
+    block (it raised TypeError: EIO to the application) and both writes commit."""
+    v = Volume(tmp_path)
+    v.release.set()
+    ino = v.engine.mknod(ROOT_INODE, b"f", 0o100644, 0, 0).ino
+    async with trio.open_nursery() as nursery:
+        v.writers.nursery = nursery
+        await v.writers.write(ino, 0, b"a" * 1000)
+        v.fail_writes = 1
+        try:
+            await v.writers.flush(ino, report=True)
+            raise AssertionError("the commit did not fail")
+        except FsError:
+            pass
+        await v.writers.write(ino, 1000, b"b" * 1000)
+        await v.writers.flush(ino, report=True)
+    assert await v.read(ino) == b"a" * 1000 + b"b" * 1000
+
+
+async def test_an_append_while_its_block_uploads_is_not_lost(tmp_path):
+    """A flush that fails while a partial block is still uploading (here the next
+    slice's id cannot be reserved) lets go of the lock; an append at the slice's end
+    then must not go into the uploading block's buffer (the upload carried the old
+    bytes, and the next commit named a block object that was never written)."""
+    v = Volume(tmp_path)
+    v.release.set()
+    ino = v.engine.mknod(ROOT_INODE, b"f", 0o100644, 0, 0).ino
+    uploading, go = trio.Event(), trio.Event()
+    real = v.chunks.upload_block
+
+    async def held_upload(sid, b, data):
+        uploading.set()
+        await go.wait()
+        return await real(sid, b, data)
+
+    v.chunks.upload_block = held_upload
+    async with trio.open_nursery() as nursery:
+        v.writers.nursery = nursery
+        await v.writers.write(ino, 0, b"a" * 1000)  # chunk 0: a partial block
+        await v.writers.write(ino, CS, b"c" * 10)  # chunk 1: a second slice
+        v.fail_ids = {2}  # chunk 0's slice gets its id, chunk 1's does not
+        try:
+            await v.writers.flush(ino, report=True)
+            raise AssertionError("the flush did not fail")
+        except FsError:
+            pass
+        await uploading.wait()  # chunk 0's block is still on its way
+        await v.writers.write(ino, 1000, b"b" * 1000)
+        go.set()
+        await v.writers.flush(ino, report=True)
+    assert v.engine.getattr(ino).length == CS + 10
+    assert (await v.read(ino))[:2000] == b"a" * 1000 + b"b" * 1000

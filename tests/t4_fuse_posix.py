@@ -71,6 +71,22 @@ def test_random_writes_overwrite_sparse(volume):
         os.close(fd)
 
 
+def test_o_trunc_drops_writes_still_buffered(volume):
+    """open(O_TRUNC) empties the file also of another fd's writes this mount holds
+    uncommitted (it looked at the committed length only, 0, and truncated nothing)."""
+    f = p(volume, "trunc")
+    fd1 = os.open(f, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd1, b"A" * 100000)
+        fd2 = os.open(f, os.O_WRONLY | os.O_TRUNC)
+        assert os.fstat(fd2).st_size == 0
+        os.write(fd2, b"hello")
+        os.close(fd2)
+    finally:
+        os.close(fd1)
+    assert read(f) == b"hello"
+
+
 def test_truncate_down_up(volume):
     f = p(volume, "t")
     write(f, bytes(range(256)) * 64)  # 16 KiB

@@ -8,6 +8,7 @@ and the metadata engine (STYLE §6.3 rule 9).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -260,6 +261,28 @@ def test_a_lost_background_commit_is_reported_at_the_writers_close(mounts):
         if w.poll() is None:
             w.kill()
             w.wait()
+    with open(os.path.join(m.path, "small"), "wb") as f:  # the mount carries on
+        f.write(b"fits")
+
+
+def test_writes_a_readers_close_could_not_commit_are_reported_to_the_writer(mounts):
+    """A reader's close commits the file's buffered writes; when that commit drops
+    them (ENOSPC) the reader's close succeeds and the writer's close, which had
+    returned 0 with its 2 MiB gone, fails with ENOSPC."""
+    meta = mounts.format("file", extra=("--capacity", "1M"))
+    m = mounts.mount(meta, "--flush-interval", "300")
+    mounts.allow_log += ["volume capacity exceeded"]
+    path = os.path.join(m.path, "f")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.write(fd, b"x" * (2 << 20)) == 2 << 20  # buffered: it fits for now
+        r = os.open(path, os.O_RDONLY)
+        os.close(r)  # the commit it makes fails, but not for this reader
+    finally:
+        with pytest.raises(OSError) as e:
+            os.close(fd)
+    assert e.value.errno == errno.ENOSPC
+    assert os.stat(path).st_size == 0
     with open(os.path.join(m.path, "small"), "wb") as f:  # the mount carries on
         f.write(b"fits")
 

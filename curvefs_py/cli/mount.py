@@ -10,6 +10,9 @@ import time
 from ..config import MountOptions, check_meta_url, parse_size
 from ..errors import QuietError
 
+#: seconds; an upload waits at most this long for its commit, far below gc's --min-age
+MAX_FLUSH_INTERVAL = 300
+
 
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount a volume",
@@ -39,7 +42,8 @@ def register(sub) -> None:
                         "(default: a quarter of RAM, at most --image-cache-size; 0: off)")
     p.add_argument("--flush-interval", type=float, default=10.0, metavar="SECONDS",
                    help="commit the writes of a file kept open at least this often, so other clients see "
-                        "them and gc never takes their objects for leaks (default 10)")
+                        "them and gc never takes their objects for leaks (default 10, at most 300: "
+                        "well below gc's --min-age)")
     p.add_argument("--compact-threshold", type=int, default=64, help="compact a chunk once it holds more slices than this (default 64; 0: never)")
     p.add_argument("--read-only", action="store_true",
                    help="serve reads only: every change fails with EROFS, and this client neither compacts "
@@ -67,8 +71,8 @@ def _options(args) -> MountOptions:
     check_meta_url(args.meta_url)
     if not args.io_timeout > 0:
         raise QuietError("--io-timeout must be a positive number of seconds", 3)
-    if not 0 < args.flush_interval <= 3600:
-        raise QuietError("--flush-interval must be between 0 and 3600 seconds", 3)
+    if not 0 < args.flush_interval <= MAX_FLUSH_INTERVAL:
+        raise QuietError(f"--flush-interval must be between 0 and {MAX_FLUSH_INTERVAL} seconds", 3)
     if args.metrics:
         from ..exporter import parse_address
 

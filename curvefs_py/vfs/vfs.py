@@ -581,7 +581,7 @@ class VFS:
         attr = await self._meta(self.engine.getattr, ino)
         if attr.is_dir:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and attr.length:
+        if flags & os.O_TRUNC and self._with_dirty(attr).length:  # writes buffered here too
             await self.writers.flush(ino)
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
             self._on_commit(attr, bumped=False)
@@ -718,10 +718,25 @@ class VFS:
     async def flush(self, fh: int) -> None:
         h = self.handles.get(fh)
         if h.content is None:
-            await self.writers.flush(h.ino, report=_writable(h))
+            await self._flush_handle(h)
+
+    async def _flush_handle(self, h) -> None:
+        """FLUSH/RELEASE: commit the file's writes.  A handle open for writing
+        gets any failure (also one kept from a commit nobody waited for); a read-only
+        handle's close does not fail for another's writes: they stay buffered for a
+        retry, or, if dropped, the writer's next flush reports it."""
+        if _writable(h):
+            await self.writers.flush(h.ino, report=True)
+            return
+        try:
+            await self.writers.flush(h.ino)
+        except FsError as exc:
+            log.debug("flush at a reader's close of inode %d failed: %s", h.ino, exc)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
-        await self.flush(fh)
+        h = self.handles.get(fh)
+        if h.content is None:  # durability asked for: a failure is the caller's to know
+            await self.writers.flush(h.ino, report=_writable(h))
 
     async def release(self, fh: int) -> None:
         h = self.handles.by_fh.get(fh)
@@ -732,19 +747,24 @@ class VFS:
             self.internal.forget(fh)
             return
         try:
-            await self.writers.flush(h.ino, report=_writable(h))
-        finally:
+            await self._flush_handle(h)
+        finally:  # a failed flush (its writes are retried) still ends the handle
             _, last = self.handles.release(fh)
             if h.backing and await self.passthrough.detach(h.ino):
                 self.kernel_versions[h.ino] = STALE  # written while the page cache was bypassed
-        if last:
-            await self.passthrough.drop_unused(h.ino)
-            attr = self.open_attrs.pop(h.ino, None)
-            if attr is not None and not h.backing and not h.flags & (os.O_WRONLY | os.O_RDWR):
-                self._maybe_build_image(attr)
-            self._drop_slices(h.ino)
-            await self._meta(self.engine.release_sustained, h.ino)
-            self._delete_kick.set()
+            if last:
+                await self._last_release(h)
+
+    async def _last_release(self, h) -> None:
+        """The last handle of ``h.ino`` is gone: drop what was kept for open files,
+        and free the inode if it was unlinked while open."""
+        await self.passthrough.drop_unused(h.ino)
+        attr = self.open_attrs.pop(h.ino, None)
+        if attr is not None and not h.backing and not h.flags & (os.O_WRONLY | os.O_RDWR):
+            self._maybe_build_image(attr)
+        self._drop_slices(h.ino)
+        await self._meta(self.engine.release_sustained, h.ino)
+        self._delete_kick.set()
 
     async def warmup(self, inos: list[int], kernel: bool, progress) -> None:
         """Fetch the files' blocks into the block cache and (``kernel``) push

@@ -78,8 +78,10 @@ class SliceWriter:
         if rel < 0 or rel > self.len:
             return False
         bs = self.block_size
-        last = (min(rel + n, self.len) - 1) // bs if rel < self.len else -1
-        for b in range(rel // bs, last + 1):
+        # every block the bytes touch, including the partial last block an append
+        # at the slice's end goes into: one uploading (or uploaded, its buffer gone)
+        # must not change under its upload
+        for b in range(rel // bs, (rel + n - 1) // bs + 1):
             blk = self.blocks.get(b)
             if blk is not None and blk.state != BUFFERED:
                 return False
@@ -248,7 +250,9 @@ class Writers:
                 fw.error = None
             try:
                 await self._flush_locked(fw)
-            except BaseException:
+            except BaseException as exc:
+                if report and fw.error is exc:
+                    fw.error = None  # writes dropped by this flush: reported by this raise
                 if err is not None and fw.error is None:
                     fw.error = err  # not reported yet: the next one says it
                 raise
@@ -284,7 +288,6 @@ class Writers:
                 fw.dirty_since = trio.current_time()
             else:
                 log.warning("the writes of inode %d were lost (reported at its close): %s", fw.ino, exc)
-                fw.error = exc
         else:
             metrics.inc("vfs_idle_commits")
 
@@ -307,12 +310,15 @@ class Writers:
                 attr = await self._engine_call("write", fw.ino, slices, fw.length, fw.mtime_ns)
             except FsError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOSPC):
-                    # nothing was committed: the objects are garbage now
+                    # nothing was committed: the objects are garbage now, and the
+                    # writes are lost whoever flushed (a reader, a truncate, the
+                    # flush interval): the next flush of a writable handle says so
                     for _, s in slices:
                         if self.delete_later:
                             self.delete_later(s.id, s.size)
                     fw.slices.clear()
                     fw.length = 0
+                    fw.error = exc
                 raise
             fw.slices.clear()
             fw.length = 0
