@@ -951,6 +951,22 @@ def test_write_many_slices_per_call_and_empty_commit(engine):
     assert a2.length == CS + 20 and a2.data_version == a.data_version + 1
 
 
+def test_a_slice_hidden_by_the_next_of_its_own_commit_is_queued(engine):
+    """One commit of a small write and a larger one over it (pwrite 100 B at 1000,
+    then 2000 B at 0, then fsync): the first slice is added and hidden at once.  The
+    Redis engine failed every such commit (HINCRBY by Lua's -0), so the writes were
+    retried forever and lost at unmount."""
+    e = engine
+    st = Store(e)
+    f = mkfile(e, ROOT_INODE, b"f")
+    [(_, P)] = st.slices_for(1000, b"p" * 100)
+    [(_, Q)] = st.slices_for(0, b"q" * 2000)
+    a = e.write(f, [(0, P), (0, Q)], 2000, 1)
+    assert a.length == 2000 and st.read(f) == b"q" * 2000
+    assert [s.id for s in e.read_chunk(f, 0)] == [Q.id]
+    assert pending(e) == {P.id: P.size}
+
+
 def test_compaction_queues_exactly_hidden_slices(engine):
     e = engine
     st = Store(e)

@@ -208,11 +208,14 @@ end
 return out
 """)
 
-#: KEYS: sliceRef, delSlices; ARGV: (id, size, rows dropped)*.  Queues ids no row names.
+#: KEYS: sliceRef, delSlices; ARGV: (id, size, change of its row count <= 0)*.  Queues
+#: ids no row names.  The change is passed as Python wrote it: Lua's -tonumber("0") is
+#: -0, which HINCRBY refuses ("value is not an integer"), failing every commit that
+#: adds a slice and hides it again.
 _UNREF = _Script("""
 local n = 0
 for i = 1, #ARGV, 3 do
-  local left = redis.call('HINCRBY', KEYS[1], ARGV[i], -tonumber(ARGV[i + 2]))
+  local left = redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 2])
   if left <= 0 then
     redis.call('HDEL', KEYS[1], ARGV[i])
     redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i] .. ':' .. ARGV[i + 1])
@@ -454,7 +457,7 @@ class _Tx:
         for sid, (size, added, dropped) in self.refs.items():
             net = added - dropped
             if dropped and net <= 0:
-                unref += [sid, size, -net]
+                unref += [sid, size, net]
             elif net > 0:
                 w.append((b"HINCRBY", SLICE_REF, sid, net))
         if unref:
