@@ -85,6 +85,15 @@ def test_o_trunc_drops_writes_still_buffered(volume):
     finally:
         os.close(fd1)
     assert read(f) == b"hello"
+    # an empty file too: its mtime and ctime move (POSIX; ext4 and tmpfs do)
+    e = p(volume, "empty")
+    write(e, b"")
+    os.utime(e, (1_000_000, 1_000_000))
+    ctime = os.stat(e).st_ctime_ns
+    time.sleep(0.01)
+    os.close(os.open(e, os.O_WRONLY | os.O_TRUNC))
+    st = os.stat(e)
+    assert st.st_mtime > 1_000_000 and st.st_ctime_ns > ctime and st.st_size == 0
 
 
 def test_truncate_down_up(volume):

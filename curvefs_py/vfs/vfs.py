@@ -581,7 +581,7 @@ class VFS:
         attr = await self._meta(self.engine.getattr, ino)
         if attr.is_dir:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and self._with_dirty(attr).length:  # writes buffered here too
+        if flags & os.O_TRUNC:  # also of an empty file: its mtime and ctime move (POSIX)
             await self.writers.flush(ino)
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
             self._on_commit(attr, bumped=False)
