@@ -269,6 +269,20 @@ def test_xattrs(volume):
     assert os.getxattr(f, "user.k") == b"v3"
     os.removexattr(f, "user.k")
     expect_errno(errno.ENODATA, os.getxattr, f, "user.k")
+    expect_errno(errno.EOPNOTSUPP, os.setxattr, f, "bogus.k", b"v")  # no such namespace
+
+
+def test_mount_is_noatime(volume):
+    """The daemon keeps no access times (JuiceFS's default too): the mount says
+    noatime rather than relatime, and a read leaves atime alone."""
+    with open("/proc/self/mountinfo") as f:
+        opts = [ln.split()[5] for ln in f if ln.split()[4] == volume.path]
+    assert len(opts) == 1 and "noatime" in opts[0].split(","), opts
+    f = p(volume, "a")
+    write(f, b"data")
+    os.utime(f, (1_000_000, 2_000_000))
+    read(f)
+    assert os.stat(f).st_atime == 1_000_000
 
 
 def test_a_write_strips_file_capabilities(volume):

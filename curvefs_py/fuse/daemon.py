@@ -146,7 +146,9 @@ def serve(opts: MountOptions) -> int:
         held = vfs.images.hold_resident()
         log.info("holding %d image(s) still in the page cache", held)
     fuse_opts = set(pyfuse3.default_options)
-    fuse_opts |= {f"fsname=curvefs:{fmt.name}", "subtype=curvefs", "default_permissions"}
+    # noatime: the daemon keeps no access times (as JuiceFS's default atime mode); the
+    # mount says so instead of showing relatime
+    fuse_opts |= {f"fsname=curvefs:{fmt.name}", "subtype=curvefs", "default_permissions", "noatime"}
     if os.geteuid() == 0:
         fuse_opts.add("allow_other")
     try:

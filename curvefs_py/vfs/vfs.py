@@ -858,6 +858,8 @@ class VFS:
             raise FsError(errno.EPERM)
         if len(name) > 255:
             raise FsError(errno.ERANGE)
+        if not name.startswith(XATTR_NAMESPACES):  # as ext4 and tmpfs: no such namespace
+            raise FsError(errno.EOPNOTSUPP)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         self._no_caps.discard(ino)
@@ -886,6 +888,10 @@ class VFS:
         else:
             bits = attr.mode & 7
         return (mode & bits) == mode
+
+
+#: the xattr namespaces Linux defines (xattr(7)); the kernel hands FUSE any name
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 
 
 def _writable(h) -> bool:
