@@ -200,10 +200,14 @@ def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) ->
             _set_xattrs(engine, new, rec.get("xattrs", {}))
             if stat.S_ISREG(int(at["mode"])):
                 length = int(at["length"])
-                for idx, rows in sorted(rec.get("chunks", {}).items(), key=lambda kv: int(kv[0])):
-                    slices = [(int(idx), Slice(*map(int, r))) for r in rows]
+                # one commit for the file (a write whose first slice id is named
+                # already counts as a replay): each chunk's rows in commit order
+                slices = [(int(idx), Slice(*map(int, r)))
+                          for idx, rows in sorted(rec.get("chunks", {}).items(), key=lambda kv: int(kv[0]))
+                          for r in rows]
+                if slices:
                     max_id = max([max_id] + [s.id for _, s in slices])
-                    engine.write(new, slices, length, int(at["mtime_ns"]))  # rows in commit order
+                    engine.write(new, slices, length, int(at["mtime_ns"]))
                 if length and not rec.get("chunks"):  # all hole
                     engine.setattr(new, SetAttr(length=length))
             times.append((new, at))
