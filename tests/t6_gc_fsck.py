@@ -287,6 +287,34 @@ def test_writes_a_readers_close_could_not_commit_are_reported_to_the_writer(moun
         f.write(b"fits")
 
 
+def test_a_missing_object_is_eio_and_failsafe_after_fresh_retries(mounts):
+    """A block object gone from the bucket (damage, not a stale slice list): the read
+    is retried with fresh metadata a few times (a busy file can be rewritten between
+    two of them), then fails with EIO and the mount refuses changes (EROFS)."""
+    meta = mounts.format("file")
+    m = mounts.mount(meta, "--no-passthrough")
+    path = os.path.join(m.path, "f")
+    with open(path, "wb") as f:
+        f.write(b"x" * 1000)
+    ino = os.stat(path).st_ino
+    m.stop()
+    store = volinspect.open_volume_store(meta)
+    [key] = volinspect.file_keys(meta, ino)
+    store.delete(key)
+    store.close()
+    mounts.allow_log += ["object missing", "not found in", "failsafe mode"]
+    m.cache_dir += "-cold"
+    m.start()
+    with pytest.raises(OSError) as e:
+        read_cold(path)
+    assert e.value.errno == errno.EIO
+    retries = m.stats().get("vfs_stale_slice_retries")
+    assert retries and retries % 3 == 0  # 3 per READ (the kernel may send the read twice)
+    with pytest.raises(OSError) as e:
+        os.mkdir(os.path.join(m.path, "d"))
+    assert e.value.errno == errno.EROFS
+
+
 @pytest.mark.parametrize("storage", ["file", "s3"])
 def test_fsck_names_the_files_that_miss_objects(mounts, storage):
     meta = mounts.format(storage)

@@ -667,21 +667,25 @@ class VFS:
         attr = self.open_attrs.get(ino)
         if attr is None:
             attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
-        try:
-            data = await self.reader.read(ino, off, size, attr.length)
-        except NoSuchKey:
-            # Most likely our cached slice list is stale: another client (or our
-            # compactor) committed newer slices and the hidden ones' objects are
-            # gone.  Read again with fresh metadata; only a miss then is damage.
-            metrics.inc("vfs_stale_slice_retries")
-            self._drop_slices(ino)
-            attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
+        for attempt in range(STALE_READ_ATTEMPTS):
             try:
                 data = await self.reader.read(ino, off, size, attr.length)
+                break
             except NoSuchKey as exc:
-                self.failsafe = True
-                log.error("inode %d: object missing (%s): failsafe mode, mutations get EROFS", ino, exc)
-                raise FsError(errno.EIO, str(exc)) from None
+                # Most likely our slice list is stale: another client (or our
+                # compactor) committed newer slices and the hidden ones' objects are
+                # gone (deleted within a second).  Read again with fresh metadata; a
+                # busy file can be rewritten again meanwhile, so only a miss on
+                # every fresh list is damage.
+                if attempt == STALE_READ_ATTEMPTS - 1:
+                    self.failsafe = True
+                    log.error("inode %d: object missing (%s): failsafe mode, mutations get EROFS", ino, exc)
+                    raise FsError(errno.EIO, str(exc)) from None
+                metrics.inc("vfs_stale_slice_retries")
+                if attempt:
+                    await trio.sleep(0.05 * attempt)
+                self._drop_slices(ino)
+                attr = self.open_attrs[ino] = await self._meta(self.engine.getattr, ino)
         metrics.inc("vfs_read_bytes", len(data))
         end = off + len(data)
         if off == h.last_end or off == 0:
@@ -889,6 +893,9 @@ class VFS:
             bits = attr.mode & 7
         return (mode & bits) == mode
 
+
+#: reads of a file with fresh slice lists before a missing object is taken for damage
+STALE_READ_ATTEMPTS = 4
 
 #: the xattr namespaces Linux defines (xattr(7)); the kernel hands FUSE any name
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
