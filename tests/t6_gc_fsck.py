@@ -315,6 +315,28 @@ def test_a_missing_object_is_eio_and_failsafe_after_fresh_retries(mounts):
     assert e.value.errno == errno.EROFS
 
 
+def test_writes_after_a_lost_background_commit_fail_at_once(mounts):
+    """Once a background commit dropped a file's writes (ENOSPC), the next write()
+    to it fails with ENOSPC too (as on JuiceFS), and so does the writer's close."""
+    meta = mounts.format("file", extra=("--capacity", "1M"))
+    m = mounts.mount(meta, "--flush-interval", "1")
+    mounts.allow_log += ["volume capacity exceeded"]
+    fd = os.open(os.path.join(m.path, "f"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * (2 << 20))
+        deadline = time.monotonic() + 10
+        while "were lost" not in open(m.log_file).read():
+            assert time.monotonic() < deadline, "no background commit failed"
+            time.sleep(0.2)
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"more")
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        with pytest.raises(OSError) as e:
+            os.close(fd)
+    assert e.value.errno == errno.ENOSPC
+
+
 @pytest.mark.parametrize("storage", ["file", "s3"])
 def test_fsck_names_the_files_that_miss_objects(mounts, storage):
     meta = mounts.format(storage)

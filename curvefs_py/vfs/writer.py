@@ -175,6 +175,10 @@ class Writers:
             if fw is None:
                 fw = self.by_ino[ino] = FileWriter(ino, self.block_size, self.chunk_size)
             async with fw.lock:
+                if fw.error is not None:
+                    # earlier writes were dropped (ENOSPC, the file gone): say so now,
+                    # as JuiceFS does; the flush of a writable handle says it again
+                    raise fw.error
                 # a flush that held the lock may have retired this writer meanwhile:
                 # bytes put into it now would never be committed
                 if self.by_ino.get(ino) is fw:
