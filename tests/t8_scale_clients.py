@@ -90,6 +90,37 @@ def test_close_to_open_data(mounts, volume_args):
             assert f.read() == data
 
 
+def test_close_to_open_sizes_and_appends(mounts, volume_args):
+    """An open right after a close elsewhere sees the new size, not the one B's kernel
+    cached (60 s attr timeout, the change note still on its way): reads stopped at
+    the old size, or read zeros past the new one, and an O_APPEND write landed at
+    the old end, over the other client's bytes."""
+    storage, meta_url = volume_args
+    meta = mounts.format(storage, meta=meta_url)
+    a = mounts.mount(meta, *LONG)
+    b = mounts.mount(meta, *LONG)
+    fa, fb = os.path.join(a.path, "s"), os.path.join(b.path, "s")
+    for i, size in enumerate([100, 70000, 3 << 20, 1, 5000, 0, 20]):
+        data = bytes([65 + i]) * size
+        with open(fa, "wb") as f:
+            f.write(data)
+        with open(fb, "rb") as f:
+            assert f.read() == data, (i, size)
+        os.stat(fb)  # B's kernel caches this size for 60 s
+    with open(fa, "ab") as f:
+        f.write(b"a" * 10)
+    fd = os.open(fb, os.O_WRONLY | os.O_APPEND)  # no lseek: the kernel's own offset
+    try:
+        os.write(fd, b"b" * 10)
+    finally:
+        os.close(fd)
+    want = bytes([71]) * 20 + b"a" * 10 + b"b" * 10
+    with open(fa, "rb") as f:
+        assert f.read() == want
+    with open(fb, "rb") as f:
+        assert f.read() == want
+
+
 def test_mkdir_race_one_wins(mounts, volume_args):
     storage, meta_url = volume_args
     meta = mounts.format(storage, meta=meta_url)

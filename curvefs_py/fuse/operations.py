@@ -76,7 +76,10 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.negative_timeout = negative_timeout
 
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: Attr, to_cache: bool = True) -> pyfuse3.EntryAttributes:
+        """The reply for ``attr``; ``to_cache``: the kernel caches it (not readdir's)."""
+        if to_cache:
+            self.vfs.told_kernel(attr)
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = 0
@@ -210,7 +213,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh, start_id, token):
         for next_id, entry in await self.vfs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr), next_id):
+            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr, False), next_id):
                 break
 
     @_guard

@@ -23,6 +23,9 @@ class Handle:
     seq_reads: int = 0
     #: backing id when opened with FOPEN_PASSTHROUGH (0: cached mode)
     backing: int = 0
+    #: an O_APPEND handle opened while the kernel's size was stale (direct_io): its
+    #: writes go to the end of file as the daemon knows it, not the kernel's offset
+    append_at_eof: bool = False
 
 
 class Handles:

@@ -79,6 +79,8 @@ class VFS:
         #: inode never opened here has no pages in this mount's kernel cache (absent),
         #: STALE marks one whose pages another client's change made stale
         self.kernel_versions: Dict[int, int] = {}
+        #: (length, mtime_ns) of a file as last handed to the kernel (``told_kernel``)
+        self.kernel_attrs: Dict[int, tuple[int, int]] = {}
         self.writers = Writers(chunks, self._meta_call, self._new_slice_id, fmt.block_size,
                                fmt.chunk_size, on_commit=self._on_commit,
                                delete_later=self._delete_later,
@@ -371,6 +373,30 @@ class VFS:
                 self._slices[key] = s
         return s
 
+    def told_kernel(self, attr: Attr) -> None:
+        """The FUSE layer handed ``attr`` to the kernel (an entry or attr reply)."""
+        if attr.is_file:
+            if len(self.kernel_attrs) > 100_000:
+                self.kernel_attrs.clear()
+            self.kernel_attrs[attr.ino] = (attr.length, attr.mtime_ns)
+
+    async def _kernel_attrs_current(self, attr: Attr) -> bool:
+        """Close-to-open for attributes: an open does not refresh the kernel's cached
+        size, so after another client's change (before its change note arrives, or
+        within --attr-timeout) reads stopped at the old size, read zeros past the new
+        one, and O_APPEND wrote at the old end.  When the fresh attributes differ
+        from those the kernel was given, expire the kernel's (attributes only: no
+        page locks, safe inside the OPEN handler); reads and lseek(SEEK_END) then
+        fetch them.  False if they were stale."""
+        told = self.kernel_attrs.get(attr.ino)
+        fresh = self._with_dirty(attr)
+        if told is None or told == (fresh.length, fresh.mtime_ns) or self.notifier is None:
+            return True
+        await self.notifier.invalidate_inode(attr.ino, attr_only=True)
+        self.kernel_attrs.pop(attr.ino, None)
+        metrics.inc("vfs_open_stale_attrs")
+        return False
+
     def _with_dirty(self, attr: Attr) -> Attr:
         d = self.writers.dirty_length(attr.ino)
         if d is not None:
@@ -586,10 +612,15 @@ class VFS:
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
             self._on_commit(attr, bumped=False)
             await self.passthrough.mirror_truncate(ino, 0)
+        # the kernel's append offset is its cached size, which no write refreshes:
+        # an O_APPEND open that finds it stale appends where the daemon says
+        append_at_eof = not await self._kernel_attrs_current(attr) and bool(
+            flags & os.O_APPEND and flags & (os.O_WRONLY | os.O_RDWR))
         await self.passthrough.prepare(attr, flags, self.handles.open_count.get(ino, 0))
         # no await from here to the reply: the kernel must see the mode decided here
         pt = self.passthrough.attach(attr, flags, self.handles.open_count.get(ino, 0))
         h = self.handles.new(ino, flags)
+        h.append_at_eof = append_at_eof
         # close-to-open: drop cached slice lists, keep the kernel's pages only
         # while the data version is the one the kernel last saw
         if not self.writers.get(ino):
@@ -599,7 +630,7 @@ class VFS:
         self._drop_slices(ino)  # after open_attrs: a fetch running now is not cached
         if pt is not None:
             h.backing = pt[0]
-            return h.fh, False, pt[1], pt[0]
+            return h.fh, False, pt[1] or append_at_eof, pt[0]
         # keep the pages when the kernel's copy is current, or when it has none
         # (never opened through this mount): replying keep_cache=False would make
         # the kernel drop pages the pusher may already be storing for this open
@@ -609,7 +640,7 @@ class VFS:
             self.pusher.on_open(ino, attr.length, keep)
         elif not keep:
             self.pusher.dropped(ino)
-        return h.fh, keep, False, 0
+        return h.fh, keep, append_at_eof, 0
 
     def _maybe_build_image(self, attr: Attr) -> None:
         """When a file's last handle closes: if its reads fetched every chunk's
@@ -714,6 +745,9 @@ class VFS:
             raise FsError(errno.EBADF)
         self._check_writable()
         self.pusher.changed(h.ino)
+        if h.append_at_eof:  # direct_io: the kernel cached nothing at its offset
+            attr = await self._meta(self.engine.getattr, h.ino)
+            off = self._with_dirty(attr).length
         n = await self.writers.write(h.ino, off, data)
         await self.passthrough.mirror_write(h.ino, off, data[:n])
         metrics.inc("vfs_write_bytes", n)
