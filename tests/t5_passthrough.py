@@ -322,7 +322,13 @@ def test_other_client_change_is_never_read_stale(mounts):
         before = b.stats()
         with open(fb, "rb") as fh:  # must be passthrough (mode) but read through the daemon
             assert fh.read() == new
-        assert delta(before, b.stats(), "passthrough_direct_opens") == 1
+            # and its mmap, which the kernel serves from the mode's image: the open
+            # rewrote the image with the new version (it showed the old bytes)
+            with mmap.mmap(fh.fileno(), 3 * MiB, prot=mmap.PROT_READ) as mm:
+                assert mm[:] == new
+        after = b.stats()
+        assert delta(before, after, "passthrough_direct_opens") == 1
+        assert delta(before, after, "passthrough_refreshes") == 1
     finally:
         os.close(old_reader)
     with open(fb, "rb") as fh:  # mode ended: the version-1 image is not current any more

@@ -574,6 +574,10 @@ class Mode:
     dirty: bool = False  # changed through this mount while in the mode
 
 
+#: bytes read and written per step of ``Passthrough.refresh``
+REFRESH_PIECE = 4 << 20
+
+
 class Passthrough:
     def __init__(self, kernel: Optional[KernelBacking], images: Images):
         self.kernel = kernel
@@ -633,6 +637,39 @@ class Passthrough:
         self.modes[ino] = Mode(bid, fd, path, attr.data_version)
         if self.nursery is not None and self.images.hold_limit > 0:
             self.nursery.start_soon(self._hold, path, name=f"hold {ino}")
+
+    async def refresh(self, attr: "Attr", read: Callable[[int, int], Awaitable[bytes]]) -> bool:
+        """Before an open of a file in passthrough mode whose image is of an older
+        version (another client changed it): the new open must be passthrough too
+        (the kernel allows one io mode), and its mmap maps the image, so rewrite the
+        image in place with the current bytes (``read(off, size)``).  Other handles
+        of the mode see them too, as they would see a local write's mirror."""
+        m = self.modes.get(attr.ino)
+        if m is None or m.version == attr.data_version:
+            return False
+        await self._dirty(m)  # no longer the version its name says
+        fd = os.dup(m.fd)  # the mode may end meanwhile: its fd is closed then
+        try:
+            off = 0
+            while off < attr.length:
+                data = await read(off, min(REFRESH_PIECE, attr.length - off))
+                if not data:
+                    break
+                await threads.run_blocking(_pwrite_all, fd, data, off, limiter=threads.DISK)
+                off += len(data)
+            await threads.run_blocking(os.ftruncate, fd, attr.length, limiter=threads.DISK)
+        finally:
+            os.close(fd)
+        m.version = attr.data_version
+        metrics.inc("passthrough_refreshes")
+        return True
+
+    def committed(self, ino: int, version: int) -> None:
+        """A write of ours committed as ``version``: an image it was mirrored into
+        (the one of version - 1) holds that version now."""
+        m = self.modes.get(ino)
+        if m is not None and m.dirty and m.version == version - 1:
+            m.version = version
 
     async def _hold(self, path: str) -> None:
         await threads.run_blocking(self.images.hold, path, limiter=threads.HOLD)

@@ -335,6 +335,8 @@ class VFS:
         # our own writes went through the page cache: the kernel's copy is current
         if bumped and self.kernel_versions.get(ino) == attr.data_version - 1:
             self.kernel_versions[ino] = attr.data_version
+        if bumped:  # and the image it was mirrored into
+            self.passthrough.committed(ino, attr.data_version)
 
     def _on_rewrite(self, attr: Attr) -> None:
         """Our compaction committed: the same bytes under new slices, data_version
@@ -616,6 +618,9 @@ class VFS:
         # an O_APPEND open that finds it stale appends where the daemon says
         append_at_eof = not await self._kernel_attrs_current(attr) and bool(
             flags & os.O_APPEND and flags & (os.O_WRONLY | os.O_RDWR))
+        if ino in self.passthrough.modes and not self.writers.get(ino):
+            self._drop_slices(ino)
+            await self.passthrough.refresh(attr, lambda o, n: self.reader.read(ino, o, n, attr.length))
         await self.passthrough.prepare(attr, flags, self.handles.open_count.get(ino, 0))
         # no await from here to the reply: the kernel must see the mode decided here
         pt = self.passthrough.attach(attr, flags, self.handles.open_count.get(ino, 0))
