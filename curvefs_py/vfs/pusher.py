@@ -116,9 +116,10 @@ class Pusher:
         """Fetch every block of the file into the block cache and (``kernel``)
         push it; returns bytes pushed.  Awaited by the warmup control request."""
         pushed = 0
+        gen = self.gen.get(ino, 0)  # of ``length`` (see _spawn)
         for u in range((length + self.unit - 1) // self.unit):
             start = u * self.unit
-            n = await self._push_unit(ino, u, length, fetch=True, store=kernel, force=True)
+            n = await self._push_unit(ino, u, length, fetch=True, store=kernel, force=True, gen=gen)
             pushed += n
             if progress:
                 progress(min(self.unit, length - start))
@@ -133,19 +134,24 @@ class Pusher:
                  if (ino, u) not in self._busy and u not in self.pushed.get(ino, ())]
         if not units:
             return
+        # the generation that goes with ``length``: a change after this (also one
+        # while the task waits for its turn) voids the push, which would otherwise
+        # store the new bytes clipped at the old length (a partial last page the
+        # kernel zero-fills and keeps)
+        gen = self.gen.get(ino, 0)
         for u in units:
             self._busy.add((ino, u))
             # one task per unit, at most 4 at a time: loading the next block
             # overlaps with storing the previous one
-            self.nursery.start_soon(self._run, ino, u, length, fetch, why)
+            self.nursery.start_soon(self._run, ino, u, length, fetch, why, gen)
 
-    async def _run(self, ino: int, u: int, length: int, fetch: bool, why: str) -> None:
+    async def _run(self, ino: int, u: int, length: int, fetch: bool, why: str, gen: int) -> None:
         try:
             async with self._limit:
                 if self._pushed_total() + self.unit > self.budget:
                     metrics.inc("pusher_budget_skips")
                     return
-                n = await self._push_unit(ino, u, length, fetch=fetch, store=True)
+                n = await self._push_unit(ino, u, length, fetch=fetch, store=True, gen=gen)
                 if n and why == "repush":
                     metrics.inc("pusher_repushed_bytes", n)
         except Exception as exc:  # a failed push only costs a later daemon read
@@ -155,10 +161,12 @@ class Pusher:
             self._busy.discard((ino, u))
 
     async def _push_unit(self, ino: int, u: int, length: int, *, fetch: bool, store: bool,
-                         force: bool = False) -> int:
+                         gen: int, force: bool = False) -> int:
+        """Push unit ``u`` of a file of ``length`` bytes, as of generation ``gen``."""
         if self.blocked(ino) and store:
             return 0
-        gen = self.gen.get(ino, 0)
+        if store and self.gen.get(ino, 0) != gen:
+            return 0
         start = u * self.unit
         end = min(start + self.unit, length)
         if end <= start:
