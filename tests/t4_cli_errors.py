@@ -241,6 +241,22 @@ def test_umount_not_mounted(tmp_path):
     fails(["umount", str(tmp_path / "missing")], 6, contains="does not exist")
 
 
+def test_umount_refuses_other_file_systems(tmp_path):
+    """As root fusermount3 unmounts anything: umount of a tmpfs exited 0 and took
+    the tmpfs, and its files, with it."""
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)]).returncode:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        (d / "important").write_bytes(b"data")
+        for lazy in ([], ["--lazy"]):
+            fails(["umount", str(d)] + lazy, 6, contains="not a curvefs mount")
+        assert is_mounted(str(d)) and (d / "important").read_bytes() == b"data"
+    finally:
+        subprocess.run(["umount", str(d)])
+
+
 def test_umount_busy(mounts):
     meta = mounts.format("file")
     m = mounts.mount(meta)

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from ..errors import QuietError
-from ..fuse.mountinfo import mount_point
+from ..fuse.mountinfo import FSTYPE, mount_fstype, mount_point
 
 
 def register(sub) -> None:
@@ -44,6 +44,9 @@ def run(args) -> int:
             raise QuietError(f"{mp} does not exist", 6)
         raise QuietError(f"{mp} is not mounted", 6)
     mp = found
+    fstype = mount_fstype(mp)
+    if fstype != FSTYPE:  # as root, fusermount3 would unmount anything
+        raise QuietError(f"{mp} is not a curvefs mount (it is {fstype})", 6)
     try:
         # OPENDIR reaches the daemon (a stat may come from the attr cache)
         os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))

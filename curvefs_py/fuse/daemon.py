@@ -30,7 +30,7 @@ import trio
 from .. import __version__, metrics, threads
 from ..config import MountOptions, redact, refuse_unfinished_load
 from ..errors import FsError, ObjectStoreError, QuietError
-from .mountinfo import mount_device
+from .mountinfo import FSTYPE, mount_device, mount_fstype
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def check_mountpoint(mp: str) -> str:
     except FileNotFoundError:
         raise QuietError(f"mountpoint {mp} does not exist", 6) from None
     except OSError as exc:
+        if exc.errno == errno.ENOTCONN and mount_fstype(mp) != FSTYPE:
+            raise QuietError(f"mountpoint {mp} is a dead mount of another file system "
+                             f"({mount_fstype(mp)}): unmount it first", 6) from None
         if exc.errno == errno.ENOTCONN:  # a daemon died with the mount in place
             log.warning("%s: clearing a dead mount (its daemon is gone)", mp)
             lazy_unmount(mp)

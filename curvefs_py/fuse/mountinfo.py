@@ -14,11 +14,31 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _devices() -> dict[str, str]:
-    """{mount point: device ("major:minor")}; the last mount of a point wins (it is
-    the one a path lookup reaches)."""
+def _mounts() -> dict[str, tuple[str, str]]:
+    """{mount point: (device "major:minor", file system type)}; the last mount of a
+    point wins (it is the one a path lookup reaches).  The type is the first field
+    after the " - " separator (optional fields come before it)."""
+    out = {}
     with open("/proc/self/mountinfo") as f:
-        return {_unescape(fields[4]): fields[2] for fields in (line.split() for line in f)}
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-", 6) if "-" in fields[6:] else len(fields) - 1
+            out[_unescape(fields[4])] = (fields[2], fields[sep + 1] if sep + 1 < len(fields) else "")
+    return out
+
+
+def _devices() -> dict[str, str]:
+    return {mp: dev for mp, (dev, _) in _mounts().items()}
+
+
+#: the type of a curvefs mount in mountinfo (FUSE with subtype=curvefs)
+FSTYPE = "fuse.curvefs"
+
+
+def mount_fstype(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The file system type of the mount at ``path`` (``fuse.curvefs`` for ours)."""
+    p = mount_point(path)
+    return None if p is None else _mounts()[p][1]
 
 
 def mount_point(path: Union[str, os.PathLike]) -> Optional[str]:
