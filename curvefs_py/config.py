@@ -74,3 +74,13 @@ def refuse_unfinished_load(fmt, meta_url: str) -> None:
     if getattr(fmt, "loading", False):
         raise QuietError(f"{redact(meta_url)} holds a volume that a `curvefs load` did not finish: "
                          "load the dump again into a new database", 5)
+
+
+def refuse_foreign_bucket(store, fmt) -> None:
+    """Blocking. Refuse a bucket another volume claimed (exit 5): the same object keys
+    would name both volumes' data, and gc would take the other's objects for leaks.
+    A bucket formatted before the marker existed has none and is accepted."""
+    owner = store.claimed_by()
+    if owner is not None and owner != fmt.uuid:
+        raise QuietError(f"bucket {fmt.bucket} belongs to another volume ({owner}), "
+                         f"not to {fmt.name} ({fmt.uuid})", 5)

@@ -154,6 +154,37 @@ def test_format_existing_needs_force(tmp_path):
     assert rc == 0 or (len(err.strip().splitlines()) == 1 and "Traceback" not in err), err
 
 
+@pytest.mark.parametrize("storage", ["file", "s3"])
+def test_a_bucket_is_one_volumes(tmp_path, storage, request):
+    """Two volumes formatted onto one bucket shared object keys (the same slice ids):
+    one read the other's bytes, and gc took the other's objects for leaks.  format
+    refuses a bucket another volume claimed, or any non-empty one; mount and gc
+    refuse a volume whose bucket another volume claimed."""
+    if storage == "s3":
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.create_bucket(f"b{uuid.uuid4().hex[:8]}")
+        extra = ["--storage", "s3", "--access-key", s3.access_key, "--secret-key", s3.secret_key]
+    else:
+        bucket, extra = str(tmp_path / "objs"), []
+    one, two = sqlite(tmp_path, "one"), sqlite(tmp_path, "two")
+    rc, err, _ = run("format", one, "one", "--bucket", bucket, *extra)
+    assert rc == 0, err
+    fails(["format", two, "two", "--bucket", bucket, *extra], 5, contains="another volume")
+    rc, err, _ = run("format", one, "one", "--bucket", bucket, *extra, "--force")  # its own: fine
+    assert rc == 0, err
+    if storage == "file":
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_bytes(b"not ours")
+        fails(["format", two, "two", "--bucket", str(tmp_path / "full")], 5, contains="not empty")
+        # a volume whose bucket another volume claims (its marker rewritten here)
+        (tmp_path / "objs" / "curvefs.uuid").write_text("00000000-0000-0000-0000-000000000000\n")
+        mp = tmp_path / "mp"
+        mp.mkdir()
+        fails(["mount", one, str(mp), "--cache-dir", str(tmp_path / "cache")], 5, contains="another volume")
+        fails(["gc", one], 5, contains="another volume")
+        assert not is_mounted(str(mp))
+
+
 # -------------------------------------------------------------------------------- mount
 def mount_args(meta, mp, tmp_path, *extra):
     return ["mount", meta, str(mp), "--cache-dir", str(tmp_path / "cache"),

@@ -67,12 +67,21 @@ def run(args) -> int:
             refuse_unfinished_load(old, args.meta_url)
         if old is not None and not args.force:
             raise QuietError(f"{redact(args.meta_url)} already holds volume {old.name!r}; use --force to overwrite its settings", 5)
+        vol_uuid = old.uuid if old else str(uuid.uuid4())
         try:
             store = open_store(args.storage, bucket, access_key, secret_key, args.region, create=True)
             store.check()
+            # a bucket is one volume's: the same object keys would name two volumes'
+            # data (JuiceFS refuses a non-empty one too)
+            owner = store.claimed_by()
+            if owner is not None and owner != vol_uuid:
+                raise QuietError(f"bucket {bucket} belongs to another volume ({owner}): "
+                                 "pick another bucket, or empty it", 5)
+            if owner is None and old is None and not store.is_empty():
+                raise QuietError(f"bucket {bucket} is not empty: pick another bucket, or empty it", 5)
         except ObjectStoreError as exc:
             raise QuietError(f"object storage: {exc}", 4) from None
-        fmt = Format(name=args.name, uuid=old.uuid if old else str(uuid.uuid4()), storage=args.storage,
+        fmt = Format(name=args.name, uuid=vol_uuid, storage=args.storage,
                      bucket=bucket, block_size=old.block_size if old else block_size,
                      chunk_size=CHUNK_SIZE, capacity=parse_size(args.capacity, "g") if args.capacity != "0" else 0,
                      inodes=args.inodes, access_key=access_key, secret_key=secret_key, region=args.region)
@@ -80,6 +89,10 @@ def run(args) -> int:
             engine.init(fmt, force=args.force)
         except FsError as exc:
             raise QuietError(f"format failed: {exc}", 5 if exc.errno == errno.EEXIST else 4) from None
+        try:  # after the volume exists: a failed format leaves no claim behind
+            store.claim(fmt.uuid)
+        except ObjectStoreError as exc:
+            raise QuietError(f"object storage: {exc}", 4) from None
     finally:
         engine.close()
     print(f"volume {fmt.name} ({fmt.uuid}) formatted: metadata {redact(args.meta_url)}, data {fmt.storage}:{bucket}")

@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 
-from ..config import check_meta_url, redact
+from ..config import check_meta_url, redact, refuse_foreign_bucket
 from ..errors import FsError, ObjectStoreError, QuietError
 from .volume import backend_errors
 
@@ -45,6 +45,7 @@ def run(args) -> int:
         try:  # the bucket must be there: the data is not in the dump
             store = open_store(fmt.storage, fmt.bucket, fmt.access_key, fmt.secret_key, fmt.region)
             store.check()
+            refuse_foreign_bucket(store, fmt)
             store.close()
         except ObjectStoreError as exc:
             raise QuietError(f"object storage of the dumped volume: {exc}", 4) from None

@@ -7,7 +7,7 @@ import errno
 import os
 from typing import Iterator
 
-from ..config import check_meta_url, redact, refuse_unfinished_load
+from ..config import check_meta_url, redact, refuse_foreign_bucket, refuse_unfinished_load
 from ..errors import FsError, ObjectStoreError, QuietError
 
 
@@ -45,10 +45,13 @@ def open_volume_store(fmt):
     from ..object import RetryPolicy, open_store
 
     try:
-        return open_store(fmt.storage, fmt.bucket, fmt.access_key, fmt.secret_key, fmt.region,
-                          retry_policy=RetryPolicy(deadline=OFFLINE_DEADLINE_S))
+        store = open_store(fmt.storage, fmt.bucket, fmt.access_key, fmt.secret_key, fmt.region,
+                           retry_policy=RetryPolicy(deadline=OFFLINE_DEADLINE_S))
+        refuse_foreign_bucket(store, fmt)
+        return store
     except ObjectStoreError as exc:
         raise QuietError(f"object storage: {exc}", 4) from None
+
 
 
 @contextlib.contextmanager

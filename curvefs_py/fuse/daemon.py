@@ -28,7 +28,7 @@ import sys
 import trio
 
 from .. import __version__, metrics, threads
-from ..config import MountOptions, redact, refuse_unfinished_load
+from ..config import MountOptions, redact, refuse_foreign_bucket, refuse_unfinished_load
 from ..errors import FsError, ObjectStoreError, QuietError
 from .mountinfo import FSTYPE, mount_device, mount_fstype
 
@@ -114,6 +114,7 @@ def serve(opts: MountOptions) -> int:
                            retry_policy=RetryPolicy(deadline=opts.io_timeout),
                            read_timeout=min(10.0, opts.io_timeout))
         store.check()
+        refuse_foreign_bucket(store, fmt)
     except ObjectStoreError as exc:
         raise QuietError(f"object storage: {exc}", 4) from None
 

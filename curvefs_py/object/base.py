@@ -10,7 +10,12 @@ plain ``ObjectStoreError`` for everything else after retries.
 from __future__ import annotations
 
 import abc
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
+
+
+#: the object that says which volume a bucket belongs to (``curvefs format`` writes
+#: the volume's uuid into it): two volumes on one bucket would share object keys
+VOLUME_MARKER = "curvefs.uuid"
 
 
 class ObjectInfo(NamedTuple):
@@ -69,6 +74,23 @@ class ObjectStore(abc.ABC):
                 raise ObjectStoreError(msg=f"{self.description}: probe object read back wrong")
         finally:
             self.delete(key)
+
+    def claimed_by(self) -> Optional[str]:
+        """Blocking. The uuid of the volume that claimed this bucket, or None."""
+        from ..errors import NoSuchKey
+
+        try:
+            return self.get(VOLUME_MARKER).decode(errors="replace").strip()
+        except NoSuchKey:
+            return None
+
+    def claim(self, volume_uuid: str) -> None:
+        """Blocking. Mark the bucket as the volume's (``claimed_by``)."""
+        self.put(VOLUME_MARKER, volume_uuid.encode() + b"\n")
+
+    def is_empty(self) -> bool:
+        """Blocking. Whether the bucket holds no object at all."""
+        return next(iter(self.list()), None) is None
 
     def close(self) -> None:
         """Blocking. Release connections."""
