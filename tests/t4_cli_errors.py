@@ -252,6 +252,11 @@ def test_mount_bad_option_values(tmp_path, file_volume):
     fails(mount_args(file_volume, mp, tmp_path, "--metrics", "9567"), 3, contains="HOST:PORT")
     for bad in ("0", "nan", "301", "1e9"):
         fails(mount_args(file_volume, mp, tmp_path, "--flush-interval", bad), 3, contains="flush-interval")
+    fails(mount_args(file_volume, mp, tmp_path, "--attr-timeout", "-1"), 3, contains="attr-timeout")
+    fails(mount_args(file_volume, mp, tmp_path, "--entry-timeout", "nan"), 3, contains="entry-timeout")
+    fails(mount_args(file_volume, mp, tmp_path, "--max-uploads", "0"), 3, contains="max-uploads")
+    fails(["mount", file_volume, str(mp), "--log", str(tmp_path / "missing" / "log")], 3, contains="log file")
+    fails(["mount", file_volume, str(mp), "-d", "--log", str(tmp_path)], 3, contains="log file")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

@@ -168,6 +168,12 @@ def test_load_refuses_bad_input(mounts, tmp_path, dumped):
     finally:
         e.close()
 
+    # a record lost from the middle (a file) or the root's: damaged, not loaded quietly
+    lost = next(i for i, ln in enumerate(lines) if '"chunks"' in ln and '"parent"' in ln)
+    fails("load", f"sqlite3://{tmp_path}/l1.db", dump_file("lost", "\n".join(lines[:lost] + lines[lost + 1:]) + "\n"),
+          code=3, contains="damaged")
+    fails("load", f"sqlite3://{tmp_path}/l2.db", dump_file("noroot", "\n".join(lines[:1] + lines[2:]) + "\n"),
+          code=3, contains="no root record")
     fails("load", f"sqlite3://{tmp_path}/b1.db", dump_file("bad", '{"some": "json"}\n'),
           code=3, contains="not a curvefs dump")
     fails("load", f"sqlite3://{tmp_path}/b2.db", dump_file("bin", lines[0].encode() + b"\n\xff\xfe\n"),

@@ -105,7 +105,10 @@ def run(args) -> int:
     baselines = [] if args.baseline.strip() == "none" else _csv(args.baseline)
     params = suite.Params(size=args.size, runtime=args.runtime, nfiles=args.nfiles)
     out = Path(args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QuietError(f"--out {out}: {exc.strerror}", 3) from None
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     progress_factory = lambda n: suite.Progress(n, quiet=args.quiet)  # noqa: E731
     meta = {"command": _command_line(args), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),

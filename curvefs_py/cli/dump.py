@@ -31,8 +31,14 @@ def run(args) -> int:
     engine, _ = open_volume(args.meta_url)
     try:
         if args.file == "-":
-            with backend_errors():
-                end = dump(engine, sys.stdout, args.keep_secret_key)
+            if sys.stdout is None:
+                raise QuietError("standard output is closed: name an output FILE", 3)
+            try:
+                with backend_errors():
+                    end = dump(engine, sys.stdout, args.keep_secret_key)
+                    sys.stdout.flush()
+            except BrokenPipeError:  # `dump | gzip > full-disk`: not a backup
+                raise QuietError("the output was closed before the dump was complete", 1) from None
         else:
             end = _dump_to(engine, args.file, args.keep_secret_key)
     finally:

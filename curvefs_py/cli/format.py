@@ -36,6 +36,8 @@ def run(args) -> int:
     block_size = parse_size(args.block_size)
     if not (64 << 10) <= block_size <= (64 << 20) or block_size & (block_size - 1):
         raise QuietError("--block-size must be a power of two between 64K and 64M", 3)
+    if args.inodes < 0:
+        raise QuietError("--inodes must be >= 0 (0: unlimited)", 3)
     if not args.name or len(args.name) > 63 or "/" in args.name:
         raise QuietError(f"invalid volume name {args.name!r}", 3)
     bucket = args.bucket

@@ -73,6 +73,18 @@ def _options(args) -> MountOptions:
         raise QuietError("--io-timeout must be a positive number of seconds", 3)
     if not 0 < args.flush_interval <= MAX_FLUSH_INTERVAL:
         raise QuietError(f"--flush-interval must be between 0 and {MAX_FLUSH_INTERVAL} seconds", 3)
+    for name in ("attr_timeout", "entry_timeout", "negative_timeout"):
+        v = getattr(args, name)
+        if not 0 <= v < float("inf"):  # also refuses nan
+            raise QuietError(f"--{name.replace('_', '-')} must be a number of seconds >= 0", 3)
+    if not args.max_uploads >= 1:
+        raise QuietError("--max-uploads must be at least 1", 3)
+    if args.log_file is not None:
+        try:  # here, not in the daemon: a bad path is one line, not a traceback
+            with open(args.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise QuietError(f"log file {args.log_file}: {exc.strerror}", 3) from None
     if args.metrics:
         from ..exporter import parse_address
 

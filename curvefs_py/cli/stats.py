@@ -252,6 +252,8 @@ def observe(mp: str, seconds: float) -> None:
 
 
 def run(args) -> int:
+    if not 0 <= args.interval < float("inf"):
+        raise QuietError("--interval must be a number of seconds >= 0", 3)
     mp = os.path.abspath(args.mountpoint)
     counters, inodes, names = read_stats(mp)
     cfg = read_config(mp)

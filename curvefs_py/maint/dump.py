@@ -176,6 +176,7 @@ def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) ->
     times: list[tuple[int, dict]] = []  # set last: creating children moves a directory's
     end = None
     max_id = 0
+    entries, slice_ids, root_seen = 0, set(), False  # checked against the end record
     for n, rec in _records(src):
         try:
             if "end" in rec:
@@ -187,8 +188,10 @@ def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) ->
                     raise ValueError("a record without a parent that is not the root")
                 _set_xattrs(engine, ROOT_INODE, rec.get("xattrs", {}))
                 times.append((ROOT_INODE, rec["attr"]))
+                root_seen = True
                 continue
             parent, name = inos[int(rec["parent"])], _raw(rec["name"])
+            entries += 1
             if "attr" not in rec:  # another hard link
                 engine.link(inos[old], parent, name)
                 continue
@@ -207,6 +210,7 @@ def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) ->
                           for r in rows]
                 if slices:
                     max_id = max([max_id] + [s.id for _, s in slices])
+                    slice_ids.update(s.id for _, s in slices if s.id)
                     engine.write(new, slices, length, int(at["mtime_ns"]))
                 if length and not rec.get("chunks"):  # all hole
                     engine.setattr(new, SetAttr(length=length))
@@ -221,6 +225,12 @@ def _load_records(engine: Engine, src: IO[str], progress: Optional[Progress]) ->
             progress(len(inos))
     if end is None:
         raise QuietError("the dump ends early (no end record): a partial file?", 3)
+    want = (int(end.get("inodes", -1)), int(end.get("entries", -1)), int(end.get("slices", -1)))
+    got = (len(inos), entries, len(slice_ids))
+    if not root_seen or got != want:  # a record lost from the middle: a file gone silently
+        raise QuietError("the dump is damaged: it lists {} inodes, {} entries, {} slices; "
+                         "{} inodes, {} entries, {} slices were in it{}".format(
+                             *want, *got, "" if root_seen else ", and no root record"), 3)
     engine.skip_slice_ids(max(max_id, int(end.get("max_slice_id", 0))))
     for ino, at in times:
         engine.setattr(ino, SetAttr(mode=int(at["mode"]) & 0o7777, uid=int(at["uid"]), gid=int(at["gid"]),
