@@ -344,17 +344,38 @@ class PgServer:
         self.sql(f'CREATE DATABASE "{name}"', dbname="postgres")
         return self.url_for(name)
 
+    def _cluster(self) -> list[int]:
+        """The postmaster and its children (backends call setsid(): each is a process
+        group of its own, so killpg of the postmaster's group reached none of them)."""
+        pids = [self.server_pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == self.server_pid:
+                    pids.append(int(entry))
+        return pids
+
+    def _signal_cluster(self, sig: int) -> None:
+        for pid in self._cluster():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def pause(self) -> None:
-        """SIGSTOP the postmaster and every backend (clients hang, like a dead network)."""
-        os.killpg(self.server_pid, signal.SIGSTOP)
+        """SIGSTOP the postmaster (first: it forks no new backend then) and every
+        backend: clients hang, like a server that stopped answering."""
+        self._signal_cluster(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.server_pid, signal.SIGCONT)
+        self._signal_cluster(signal.SIGCONT)
 
     def stop(self) -> None:
         """Shut the cluster down and delete its data directory (idempotent)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.server_pid, signal.SIGCONT)
+            self._signal_cluster(signal.SIGCONT)
         _stop_supervisor(self.proc)
 
     def __enter__(self) -> "PgServer":

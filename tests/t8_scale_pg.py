@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import stat
+import threading
 
 import pytest
 
@@ -138,6 +139,41 @@ def test_two_mounts_share_a_volume(mounts, pg):
                 f.write(b"%d" % i)
     assert len(os.listdir(os.path.join(a.path, "dir-b"))) == 101
     assert sorted(os.listdir(os.path.join(a.path, "dir-b"))) == sorted(os.listdir(os.path.join(b.path, "dir-b")))
+
+
+def test_a_hung_postgres_is_eio_not_a_hang(mounts, pg):
+    """A PostgreSQL that stops answering (SIGSTOP: the connections stay up) held a
+    FUSE request, and the caller in D state, for the whole outage (libpq has no read
+    timeout); the transaction deadline cuts the connection and the caller gets EIO,
+    while the server is still stopped.  Once it answers again the mount carries on."""
+    meta = mounts.format("file", meta=pg.new_database())
+    m = mounts.mount(meta)
+    mounts.allow_log += ["deadline", "postgres", "metadata", "failed", "EIO", "heartbeat"]
+    with open(os.path.join(m.path, "before"), "wb") as f:
+        f.write(b"before")
+    outcome: list = []
+
+    def mkdir():
+        try:
+            os.mkdir(os.path.join(m.path, "during"))
+            outcome.append("ok")
+        except OSError as exc:
+            outcome.append(exc.errno)
+
+    pg.pause()
+    t = threading.Thread(target=mkdir)
+    try:
+        t.start()
+        t.join(120)  # the deadline is 30 s; a hang lasts until the resume below
+        answered_while_stopped = not t.is_alive()
+    finally:
+        pg.resume()
+        t.join(60)
+    assert answered_while_stopped, "the call waited for the server to come back"
+    assert outcome == [errno.EIO]
+    os.mkdir(os.path.join(m.path, "after"))
+    with open(os.path.join(m.path, "before"), "rb") as f:
+        assert f.read() == b"before"
 
 
 def test_cli_errors_for_postgres_urls(pg, tmp_path):

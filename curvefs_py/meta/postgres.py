@@ -47,8 +47,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import logging
+import os
 import re
+import socket
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -58,10 +63,14 @@ from psycopg import sql as pg_sql
 from ..errors import FsError, MetaError, QuietError
 from .sql import Dialect, SqlEngine
 
+log = logging.getLogger(__name__)
+
 #: SQLSTATEs that mean "run the transaction again": serialization_failure, deadlock_detected.
 RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 #: Seconds to wait for a connection when the URL does not say (libpq waits forever).
 CONNECT_TIMEOUT = 10
+#: How often the deadline watchdog looks (seconds): deadlines are this coarse.
+WATCHDOG_TICK_S = 0.5
 
 _MISSING_DB = re.compile(r'database "(.*)" does not exist')
 
@@ -162,7 +171,22 @@ class PostgresDialect(Dialect):
                         f"database to create it from: {one_line(last) if last else ''}")
 
     def usable(self, conn: Any) -> bool:
-        return not (conn.raw.closed or conn.raw.broken)
+        return not (conn.raw.closed or conn.raw.broken or conn.cut)
+
+    @contextlib.contextmanager
+    def deadline(self, conn: Any, seconds: float | None):
+        """libpq has no read timeout: a server that stops answering (SIGSTOP, a hung
+        host behind a live TCP peer) held a FUSE request, and the process in D state,
+        for the whole outage.  Past ``seconds`` the watchdog shuts the connection's
+        socket down; the blocked call fails and the caller gets EIO."""
+        if seconds is None:
+            yield
+            return
+        token = _WATCHDOG.arm(conn, seconds)
+        try:
+            yield
+        finally:
+            _WATCHDOG.disarm(token)
 
     # ----------------------------------------------------------- transactions
     def begin(self, conn: Any, write: bool) -> None:
@@ -198,17 +222,70 @@ class PostgresEngine(SqlEngine):
         super().__init__(PostgresDialect(parse_url(url)))
 
 
+class _Watchdog:
+    """One thread that cuts the connections of transactions past their deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[int, tuple[float, "PgConnection"]] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: "PgConnection", seconds: float) -> int:
+        with self._lock:
+            token = next(self._ids)
+            self._armed[token] = (time.monotonic() + seconds, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pg-deadline", daemon=True)
+                self._thread.start()
+        return token
+
+    def disarm(self, token: int) -> None:
+        with self._lock:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_TICK_S)
+            now = time.monotonic()
+            with self._lock:
+                due = [(t, c) for t, (d, c) in self._armed.items() if d <= now]
+                for t, c in due:
+                    del self._armed[t]
+                    c.cut = True  # never back into the pool, even if it finished just now
+            for _, c in due:
+                c.shut_down()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class PgConnection:
     """A psycopg connection (autocommit; the engine issues BEGIN) whose ``BEGIN`` is
     sent with the transaction's first statement, in one round trip, and whose lost
     connections before ``COMMIT`` become ``StaleConnection`` (the server rolls an
     open transaction back when its connection goes, so running it again is safe)."""
 
-    __slots__ = ("raw", "pending")
+    __slots__ = ("raw", "pending", "cut")
 
     def __init__(self, raw: psycopg.Connection):
         self.raw = raw
         self.pending: str | None = None  # a BEGIN not sent yet
+        self.cut = False  # shut down by the deadline watchdog
+
+    def shut_down(self) -> None:
+        """Shut the socket down under a blocked libpq call (it then fails at once)."""
+        try:
+            s = socket.socket(fileno=os.dup(self.raw.fileno()))
+        except (OSError, psycopg.Error):
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+            log.warning("postgres: a transaction passed its deadline: connection cut")
+        except OSError:
+            pass
+        finally:
+            s.close()
 
     def begin(self, stmt: str) -> None:
         self.pending = stmt

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Seconds one attempt of a transaction may take before its connection is cut (a
+#: server that stopped answering: the caller gets EIO, as after an S3 outage).
+TXN_DEADLINE_S = 30.0
 #: Attempts of one transaction before MetaError (busy / serialization conflicts).
 MAX_ATTEMPTS = 12
 #: First backoff after a conflict, seconds; doubles per attempt up to BACKOFF_MAX.
@@ -114,6 +117,11 @@ class Dialect(abc.ABC):
     def usable(self, conn: Any) -> bool:
         """May ``conn`` go back to the pool? (False: it was closed or lost.)"""
         return True
+
+    def deadline(self, conn: Any, seconds: Optional[float]) -> contextlib.AbstractContextManager:
+        """Held around a transaction on ``conn``: a server that stops answering
+        (not a closed connection) must not hang the caller forever."""
+        return contextlib.nullcontext()
 
     def sql(self, text: str) -> str:
         if self.placeholder == "?":
@@ -215,13 +223,15 @@ class SqlEngine(Engine):
             else:
                 self._pool.append(conn)
 
-    def _txn(self, fn: Callable[[Txn], T], write: bool = True, create: bool = False) -> T:
-        """Run ``fn(tx)`` as one transaction, retried on busy/conflict errors."""
+    def _txn(self, fn: Callable[[Txn], T], write: bool = True, create: bool = False,
+             deadline: Optional[float] = TXN_DEADLINE_S) -> T:
+        """Run ``fn(tx)`` as one transaction, retried on busy/conflict errors; one
+        attempt may take ``deadline`` seconds (None: no limit, for whole-volume scans)."""
         with metrics.timer("meta_txn"):
             delay = BACKOFF_START
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
-                    return self._attempt(fn, write, create)
+                    return self._attempt(fn, write, create, deadline)
                 except FsError:
                     raise
                 except Exception as exc:
@@ -237,11 +247,12 @@ class SqlEngine(Engine):
                     raise
             raise AssertionError("unreachable")
 
-    def _attempt(self, fn: Callable[[Txn], T], write: bool, create: bool) -> T:
+    def _attempt(self, fn: Callable[[Txn], T], write: bool, create: bool, deadline: Optional[float]) -> T:
         conn = self._get_conn(create)
         broken = False
         try:
-            with self.dialect.write_lock() if write else contextlib.nullcontext():
+            with self.dialect.write_lock() if write else contextlib.nullcontext(), \
+                    self.dialect.deadline(conn, deadline):
                 self.dialect.begin(conn, write)
                 try:
                     cur = conn.cursor()
@@ -1000,7 +1011,7 @@ class SqlEngine(Engine):
 
     def scan_slices(self) -> set[tuple[int, int, int]]:
         rows = self._txn(lambda tx: tx.all("SELECT DISTINCT id, size, ino FROM chunk WHERE id <> 0"),
-                         write=False)
+                         write=False, deadline=None)
         return {(int(i), int(s), int(n)) for i, s, n in rows}
 
     def pending_deletes(self, limit: int = 1000) -> list[tuple[int, int]]:
