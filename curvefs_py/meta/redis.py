@@ -614,7 +614,11 @@ class RedisEngine(Engine):
                     if conn is not None:
                         conn.disconnect()
                     conn_failures += 1
-                    if (tx is not None and tx.exec_sent) or conn_failures >= CONN_ATTEMPTS:
+                    # a timeout is a server that stopped answering (30 s): one is enough
+                    # (three made a hung server 90 s of silence); a refused or reset
+                    # connection (a restart) is tried again at once
+                    if ((tx is not None and tx.exec_sent) or conn_failures >= CONN_ATTEMPTS
+                            or isinstance(exc, redis.TimeoutError)):
                         metrics.inc("meta_txn_errors")
                         raise MetaError(f"{self.description}: {exc}") from None
                     log.debug("connection failed (attempt %d): %s", attempt, exc)
