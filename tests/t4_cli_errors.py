@@ -355,3 +355,20 @@ def test_daemon_log_drops_stale_fuse_replies(tmp_path):
             assert stale == []
         else:
             assert len(stale) == 1 and f" {stale_level} " in stale[0]
+
+
+@pytest.mark.parametrize("cmd", ["info", "warmup"])
+def test_info_warmup_outside_a_mount(tmp_path, cmd):
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    fails([cmd, str(f)], 6, contains=f"{mount_point_of_tmp(tmp_path)} is not a curvefs mount")
+
+
+def mount_point_of_tmp(path) -> str:
+    """The mount point ``path`` is on, from mountinfo (what the CLI names)."""
+    from curvefs_py.fuse.mountinfo import mount_point
+
+    p = os.path.abspath(path)
+    while mount_point(p) is None and p != "/":
+        p = os.path.dirname(p)
+    return p

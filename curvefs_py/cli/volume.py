@@ -83,12 +83,21 @@ def open_volume_and_store(meta_url: str) -> Iterator[tuple]:
 
 def mountpoint_of(path: str) -> str:
     """The curvefs mount that ``path`` is on (QuietError 6 if none)."""
+    from ..fuse.mountinfo import FSTYPE, mount_fstype, mount_point
+
     path = os.path.abspath(path)
-    while not os.path.ismount(path):
+    while mount_point(path) is None:  # from mountinfo: no call into a (dead) mount
         parent = os.path.dirname(path)
         if parent == path:
             break
         path = parent
-    if not os.path.exists(os.path.join(path, ".control")):
-        raise QuietError(f"{path} is not a curvefs mount", 6)
-    return path
+    mp = mount_point(path) or path
+    if mount_fstype(mp) != FSTYPE:
+        raise QuietError(f"{mp} is not a curvefs mount", 6)
+    try:
+        os.stat(os.path.join(mp, ".control"))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise QuietError(f"the daemon of {mp} is gone: `curvefs umount {mp}` clears the mount", 6) from None
+        raise QuietError(f"{mp}: {exc.strerror}", 6) from None
+    return mp
