@@ -47,7 +47,8 @@ class Mounts:
         """Format a volume; return its META_URL (``meta``, default a new SQLite file)."""
         meta = meta or f"sqlite3://{self.tmp}/{name}-{uuid.uuid4().hex[:6]}.db"
         if storage == "file":
-            args = ["format", meta, name, "--storage", "file", "--bucket", str(self.tmp / f"{name}-objects")]
+            bucket = str(self.tmp / f"{name}-{uuid.uuid4().hex[:6]}-objects")  # a bucket is one volume's
+            args = ["format", meta, name, "--storage", "file", "--bucket", bucket]
         else:
             s3 = self._s3_factory()
             bucket = s3.create_bucket(f"b{uuid.uuid4().hex[:12]}")
