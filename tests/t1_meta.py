@@ -967,27 +967,6 @@ def test_a_slice_hidden_by_the_next_of_its_own_commit_is_queued(engine):
     assert pending(e) == {P.id: P.size}
 
 
-def test_a_commit_replayed_after_its_reply_was_lost_changes_nothing(engine):
-    """A commit whose reply is lost (the connection dropped at COMMIT/EXEC) is retried
-    by the writer.  Its slice ids are fresh, so finding one already named (a chunk
-    row, or the delete queue) means it is in: the replay changes nothing, also not
-    when another write went over the range meanwhile (it laid the old bytes back
-    over the new, and named an object queued for deletion)."""
-    e = engine
-    st = Store(e)
-    f = mkfile(e, ROOT_INODE, b"f")
-    old = st.slices_for(0, b"o" * 100)
-    first = e.write(f, old, 100, 1)
-    again = e.write(f, old, 100, 2)  # the retry, nothing in between
-    assert again == first == e.getattr(f)
-    st.write(f, 0, b"n" * 100)  # another client's write hides the first
-    assert set(pending(e)) == {old[0][1].id}
-    before = e.getattr(f)
-    assert e.write(f, old, 100, 3) == before  # the retry, late
-    assert e.getattr(f) == before and st.read(f) == b"n" * 100
-    assert set(pending(e)) == {old[0][1].id}
-
-
 def test_compaction_queues_exactly_hidden_slices(engine):
     e = engine
     st = Store(e)

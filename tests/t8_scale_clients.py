@@ -119,6 +119,20 @@ def test_close_to_open_sizes_and_appends(mounts, volume_args):
         assert f.read() == want
     with open(fb, "rb") as f:
         assert f.read() == want
+    # attributes B's kernel took from a directory listing (readdirplus) count too
+    os.listdir(b.path)
+    with open(fa, "ab") as f:
+        f.write(b"c" * 10)
+    with open(fb, "rb") as f:
+        assert f.read() == want + b"c" * 10
+    # and this mount's own appends never make its next open expire them
+    before = b.stats().get("vfs_open_stale_attrs", 0)
+    for _ in range(10):
+        with open(fb, "ab") as f:
+            f.write(b"d")
+    assert b.stats().get("vfs_open_stale_attrs", 0) == before
+    with open(fb, "rb") as f:
+        assert f.read() == want + b"c" * 10 + b"d" * 10
 
 
 def test_mkdir_race_one_wins(mounts, volume_args):

@@ -213,8 +213,10 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh, start_id, token):
         for next_id, entry in await self.vfs.readdir(fh, start_id):
+            # readdirplus: the kernel caches these attributes too
             if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr, False), next_id):
                 break
+            self.vfs.told_kernel(entry.attr)
 
     @_guard
     async def releasedir(self, fh):

@@ -185,6 +185,10 @@ class PostgresDialect(Dialect):
         token = _WATCHDOG.arm(conn, seconds)
         try:
             yield
+        except Exception as exc:
+            if conn.cut:  # not retried: every pooled connection would wait as long
+                raise MetaError(f"{self.description}: no answer within {seconds:g} s") from exc
+            raise
         finally:
             _WATCHDOG.disarm(token)
 

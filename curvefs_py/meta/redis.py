@@ -387,17 +387,14 @@ class _Tx:
             self.stale = self.conn._curvefs_watching = False
         return _roundtrip(self.conn, pre + cmds)[len(pre):]
 
-    def read(self, cmds: Iterable[tuple], nodes: Iterable[int] = (), peek: Iterable[tuple] = ()) -> list[Any]:
+    def read(self, cmds: Iterable[tuple], nodes: Iterable[int] = ()) -> list[Any]:
         """Watch the keys of ``cmds`` (and of ``nodes`` not cached yet), run them in
-        one round trip and return their replies; the nodes' attributes are cached.
-        ``peek``: commands run in the same round trip without watching their keys
-        (their replies follow those of ``cmds``)."""
+        one round trip and return their replies; the nodes' attributes are cached."""
         node_inos = [i for i in dict.fromkeys(nodes) if i not in self.nodes]
-        watched_cmds = [(b"GET", _ikey(i)) for i in node_inos] + list(cmds)
-        allc = watched_cmds + list(peek)
+        allc = [(b"GET", _ikey(i)) for i in node_inos] + list(cmds)
         if not allc:
             return []
-        keys = [c[1] for c in watched_cmds]
+        keys = [c[1] for c in allc]
         new = [k for k in dict.fromkeys(keys) if k not in self.watched]
         packet = ([(b"WATCH", *new)] if new else []) + allc
         replies = self._send(packet)
@@ -1323,17 +1320,9 @@ class RedisEngine(Engine):
                 raise FsError(errno.EINVAL, f"bad slice {s} in chunk {idx}")
         idxs = list(dict.fromkeys(idx for idx, _ in slices))
 
-        sid = next((s.id for _, s in slices if s.id), 0)
-        peek = [(b"HEXISTS", SLICE_REF, sid), (b"ZRANGEBYSCORE", DEL_SLICES, sid, sid, b"LIMIT", 0, 1)] if sid else []
-
         def fn(tx: _Tx) -> Attr:
             raw, *rows = tx.read([(b"GET", SETTING)] + [(b"LRANGE", _ckey(ino, i), 0, -1) for i in idxs],
-                                 nodes=[ino], peek=peek)
-            if peek:
-                *rows, ref, queued = rows
-                if ref or queued:  # see sql.SqlEngine.write: this commit is in already
-                    metrics.inc("meta_write_replays")
-                    return tx.node(ino)
+                                 nodes=[ino])
             a = tx.node(ino)
             if a.is_dir:
                 raise FsError(errno.EISDIR, "write to a directory")

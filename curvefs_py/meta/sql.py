@@ -956,17 +956,8 @@ class SqlEngine(Engine):
                     or (s.id and s.off + s.len > s.size)):
                 raise FsError(errno.EINVAL, f"bad slice {s} in chunk {idx}")
 
-        sid = next((s.id for _, s in slices if s.id), 0)
-
         def fn(tx: Txn) -> Attr:
             a = self._node(tx, ino)
-            if sid and (tx.one("SELECT 1 FROM chunk WHERE id = ? LIMIT 1", sid)
-                        or tx.one("SELECT 1 FROM delslices WHERE id = ?", sid)):
-                # a commit whose reply was lost (a connection gone at COMMIT), retried:
-                # slice ids are fresh, so one already named means it is in; committing
-                # it again could lay its old bytes over a newer write made meanwhile
-                metrics.inc("meta_write_replays")
-                return a
             if a.is_dir:
                 raise FsError(errno.EISDIR, "write to a directory")
             if not a.is_file:

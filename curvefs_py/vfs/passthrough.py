@@ -572,10 +572,14 @@ class Mode:
     version: int      # data_version the image holds (until dirty)
     handles: int = 0
     dirty: bool = False  # changed through this mount while in the mode
+    mirrors: int = 0  # mirrored writes and truncates so far (``refresh`` checks it)
+    refreshing: bool = False
 
 
 #: bytes read and written per step of ``Passthrough.refresh``
 REFRESH_PIECE = 4 << 20
+#: larger files are not refreshed inside an OPEN (their mmap may show the older image)
+REFRESH_MAX = 256 << 20
 
 
 class Passthrough:
@@ -645,9 +649,14 @@ class Passthrough:
         image in place with the current bytes (``read(off, size)``).  Other handles
         of the mode see them too, as they would see a local write's mirror."""
         m = self.modes.get(attr.ino)
-        if m is None or m.version == attr.data_version:
+        if m is None or m.version == attr.data_version or m.refreshing:
+            return False
+        if attr.length > REFRESH_MAX:  # not inside an OPEN: reads stay current (direct_io)
+            metrics.inc("passthrough_refresh_skipped")
             return False
         await self._dirty(m)  # no longer the version its name says
+        m.refreshing = True
+        mirrors = m.mirrors
         fd = os.dup(m.fd)  # the mode may end meanwhile: its fd is closed then
         try:
             off = 0
@@ -658,8 +667,14 @@ class Passthrough:
                 await threads.run_blocking(_pwrite_all, fd, data, off, limiter=threads.DISK)
                 off += len(data)
             await threads.run_blocking(os.ftruncate, fd, attr.length, limiter=threads.DISK)
+        except Exception as exc:  # an optimisation for mmap: never fail the open for it
+            log.debug("inode %d: image refresh failed: %s", attr.ino, exc)
+            return False
         finally:
             os.close(fd)
+            m.refreshing = False
+        if m.mirrors != mirrors:
+            return False  # a local write landed meanwhile: the image is of no one version
         m.version = attr.data_version
         metrics.inc("passthrough_refreshes")
         return True
@@ -723,6 +738,7 @@ class Passthrough:
         """A write through this mount: passthrough readers here see it at once."""
         m = self.modes.get(ino)
         if m is not None:
+            m.mirrors += 1
             await self._dirty(m)
             await threads.run_blocking(_pwrite_all, m.fd, data, off, limiter=threads.DISK)
             metrics.inc("passthrough_mirrored_bytes", len(data))
@@ -730,6 +746,7 @@ class Passthrough:
     async def mirror_truncate(self, ino: int, length: int) -> None:
         m = self.modes.get(ino)
         if m is not None:
+            m.mirrors += 1
             await self._dirty(m)
             await threads.run_blocking(os.ftruncate, m.fd, length, limiter=threads.DISK)
 

@@ -79,8 +79,8 @@ class VFS:
         #: inode never opened here has no pages in this mount's kernel cache (absent),
         #: STALE marks one whose pages another client's change made stale
         self.kernel_versions: Dict[int, int] = {}
-        #: (length, mtime_ns) of a file as last handed to the kernel (``told_kernel``)
-        self.kernel_attrs: Dict[int, tuple[int, int]] = {}
+        #: data_version of a file's attributes as last handed to the kernel (``told_kernel``)
+        self.kernel_attrs: Dict[int, int] = {}
         self.writers = Writers(chunks, self._meta_call, self._new_slice_id, fmt.block_size,
                                fmt.chunk_size, on_commit=self._on_commit,
                                delete_later=self._delete_later,
@@ -335,6 +335,8 @@ class VFS:
         # our own writes went through the page cache: the kernel's copy is current
         if bumped and self.kernel_versions.get(ino) == attr.data_version - 1:
             self.kernel_versions[ino] = attr.data_version
+        if bumped and self.kernel_attrs.get(ino) == attr.data_version - 1:
+            self.kernel_attrs[ino] = attr.data_version  # its size: the kernel's own writes
         if bumped:  # and the image it was mirrored into
             self.passthrough.committed(ino, attr.data_version)
 
@@ -376,23 +378,23 @@ class VFS:
         return s
 
     def told_kernel(self, attr: Attr) -> None:
-        """The FUSE layer handed ``attr`` to the kernel (an entry or attr reply)."""
+        """The FUSE layer handed ``attr`` to the kernel (an entry, attr or
+        readdirplus reply): the kernel's cached size is of this data_version."""
         if attr.is_file:
             if len(self.kernel_attrs) > 100_000:
-                self.kernel_attrs.clear()
-            self.kernel_attrs[attr.ino] = (attr.length, attr.mtime_ns)
+                self.kernel_attrs.clear()  # then unknown: the next open expires them
+            self.kernel_attrs[attr.ino] = attr.data_version
 
     async def _kernel_attrs_current(self, attr: Attr) -> bool:
         """Close-to-open for attributes: an open does not refresh the kernel's cached
         size, so after another client's change (before its change note arrives, or
         within --attr-timeout) reads stopped at the old size, read zeros past the new
-        one, and O_APPEND wrote at the old end.  When the fresh attributes differ
-        from those the kernel was given, expire the kernel's (attributes only: no
-        page locks, safe inside the OPEN handler); reads and lseek(SEEK_END) then
-        fetch them.  False if they were stale."""
-        told = self.kernel_attrs.get(attr.ino)
-        fresh = self._with_dirty(attr)
-        if told is None or told == (fresh.length, fresh.mtime_ns) or self.notifier is None:
+        one, and O_APPEND wrote at the old end.  When the file's data_version is not
+        the one of the attributes the kernel was given (our own commits move that
+        on: the kernel sized the file itself as it wrote), expire the kernel's
+        (attributes only: no page locks, safe inside the OPEN handler); reads and
+        lseek(SEEK_END) then fetch them.  False if they were stale."""
+        if self.kernel_attrs.get(attr.ino) == attr.data_version or self.notifier is None:
             return True
         await self.notifier.invalidate_inode(attr.ino, attr_only=True)
         self.kernel_attrs.pop(attr.ino, None)
@@ -611,8 +613,11 @@ class VFS:
             raise FsError(errno.EISDIR)
         if flags & os.O_TRUNC:  # also of an empty file: its mtime and ctime move (POSIX)
             await self.writers.flush(ino)
+            was = attr.data_version
             attr = await self._meta(self.engine.setattr, ino, SetAttr(length=0))
             self._on_commit(attr, bumped=False)
+            if self.kernel_attrs.get(ino) == was:  # the kernel sets its size to 0 itself
+                self.kernel_attrs[ino] = attr.data_version
             await self.passthrough.mirror_truncate(ino, 0)
         # the kernel's append offset is its cached size, which no write refreshes:
         # an O_APPEND open that finds it stale appends where the daemon says
@@ -751,7 +756,7 @@ class VFS:
         self._check_writable()
         self.pusher.changed(h.ino)
         if h.append_at_eof:  # direct_io: the kernel cached nothing at its offset
-            attr = await self._meta(self.engine.getattr, h.ino)
+            attr = self.open_attrs.get(h.ino) or await self._meta(self.engine.getattr, h.ino)
             off = self._with_dirty(attr).length
         n = await self.writers.write(h.ino, off, data)
         await self.passthrough.mirror_write(h.ino, off, data[:n])
@@ -763,12 +768,12 @@ class VFS:
         if h.content is None:
             await self._flush_handle(h)
 
-    async def _flush_handle(self, h) -> None:
+    async def _flush_handle(self, h, report: bool = True) -> None:
         """FLUSH/RELEASE: commit the file's writes.  A handle open for writing
         gets any failure (also one kept from a commit nobody waited for); a read-only
         handle's close does not fail for another's writes: they stay buffered for a
         retry, or, if dropped, the writer's next flush reports it."""
-        if _writable(h):
+        if _writable(h) and report:
             await self.writers.flush(h.ino, report=True)
             return
         try:
@@ -789,8 +794,8 @@ class VFS:
             self.handles.release(fh, is_file=False)
             self.internal.forget(fh)
             return
-        try:
-            await self._flush_handle(h)
+        try:  # the kernel ignores RELEASE's reply: the FLUSH before it reported
+            await self._flush_handle(h, report=False)
         finally:  # a failed flush (its writes are retried) still ends the handle
             _, last = self.handles.release(fh)
             if h.backing and await self.passthrough.detach(h.ino):
@@ -806,6 +811,7 @@ class VFS:
         if attr is not None and not h.backing and not h.flags & (os.O_WRONLY | os.O_RDWR):
             self._maybe_build_image(attr)
         self._drop_slices(h.ino)
+        self.writers.forget_error(h.ino)
         await self._meta(self.engine.release_sustained, h.ino)
         self._delete_kick.set()
 

@@ -265,6 +265,15 @@ class Writers:
             if err is not None:
                 raise err
 
+    def forget_error(self, ino: int) -> None:
+        """The file's last handle closed: a kept error has nobody left to hear it (the
+        writer's close reported what it could), and must not fail a later writer."""
+        fw = self.by_ino.get(ino)
+        if fw is not None and fw.error is not None:
+            fw.error = None
+            if not fw.dirty:
+                del self.by_ino[ino]
+
     def _due(self, fw: FileWriter) -> bool:
         """Whether ``fw``'s oldest unflushed write is older than ``flush_interval``."""
         return (bool(self.flush_interval) and fw.dirty
