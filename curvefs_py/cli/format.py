@@ -5,7 +5,8 @@ import errno
 import os
 import uuid
 
-from ..config import check_meta_url, parse_size, redact, refuse_unfinished_load, sqlite_path
+from ..config import (check_meta_url, parse_size, redact, refuse_foreign_bucket, refuse_unfinished_load,
+                      sqlite_path)
 from ..errors import FsError, ObjectStoreError, QuietError
 from .. import CHUNK_SIZE
 
@@ -69,24 +70,20 @@ def run(args) -> int:
             refuse_unfinished_load(old, args.meta_url)
         if old is not None and not args.force:
             raise QuietError(f"{redact(args.meta_url)} already holds volume {old.name!r}; use --force to overwrite its settings", 5)
-        vol_uuid = old.uuid if old else str(uuid.uuid4())
+        fmt = Format(name=args.name, uuid=old.uuid if old else str(uuid.uuid4()), storage=args.storage,
+                     bucket=bucket, block_size=old.block_size if old else block_size,
+                     chunk_size=CHUNK_SIZE, capacity=parse_size(args.capacity, "g") if args.capacity != "0" else 0,
+                     inodes=args.inodes, access_key=access_key, secret_key=secret_key, region=args.region)
         try:
             store = open_store(args.storage, bucket, access_key, secret_key, args.region, create=True)
             store.check()
             # a bucket is one volume's: the same object keys would name two volumes'
             # data (JuiceFS refuses a non-empty one too)
-            owner = store.claimed_by()
-            if owner is not None and owner != vol_uuid:
-                raise QuietError(f"bucket {bucket} belongs to another volume ({owner}): "
-                                 "pick another bucket, or empty it", 5)
-            if owner is None and old is None and not store.is_empty():
+            refuse_foreign_bucket(store, fmt)
+            if old is None and not store.is_empty():  # (a new uuid: any claim was refused above)
                 raise QuietError(f"bucket {bucket} is not empty: pick another bucket, or empty it", 5)
         except ObjectStoreError as exc:
             raise QuietError(f"object storage: {exc}", 4) from None
-        fmt = Format(name=args.name, uuid=vol_uuid, storage=args.storage,
-                     bucket=bucket, block_size=old.block_size if old else block_size,
-                     chunk_size=CHUNK_SIZE, capacity=parse_size(args.capacity, "g") if args.capacity != "0" else 0,
-                     inodes=args.inodes, access_key=access_key, secret_key=secret_key, region=args.region)
         try:
             engine.init(fmt, force=args.force)
         except FsError as exc:

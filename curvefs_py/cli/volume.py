@@ -83,16 +83,10 @@ def open_volume_and_store(meta_url: str) -> Iterator[tuple]:
 
 def mountpoint_of(path: str) -> str:
     """The curvefs mount that ``path`` is on (QuietError 6 if none)."""
-    from ..fuse.mountinfo import FSTYPE, mount_fstype, mount_point
+    from ..fuse.mountinfo import FSTYPE, containing_mount
 
-    path = os.path.abspath(path)
-    while mount_point(path) is None:  # from mountinfo: no call into a (dead) mount
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    mp = mount_point(path) or path
-    if mount_fstype(mp) != FSTYPE:
+    mp, fstype = containing_mount(path)  # from mountinfo: no call into a (dead) mount
+    if fstype != FSTYPE:
         raise QuietError(f"{mp} is not a curvefs mount", 6)
     try:
         os.stat(os.path.join(mp, ".control"))

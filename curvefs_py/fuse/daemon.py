@@ -51,10 +51,11 @@ def check_mountpoint(mp: str) -> str:
     except FileNotFoundError:
         raise QuietError(f"mountpoint {mp} does not exist", 6) from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN and mount_fstype(mp) != FSTYPE:
-            raise QuietError(f"mountpoint {mp} is a dead mount of another file system "
-                             f"({mount_fstype(mp)}): unmount it first", 6) from None
         if exc.errno == errno.ENOTCONN:  # a daemon died with the mount in place
+            fstype = mount_fstype(mp)
+            if fstype != FSTYPE:
+                raise QuietError(f"mountpoint {mp} is a dead mount of another file system "
+                                 f"({fstype}): unmount it first", 6) from None
             log.warning("%s: clearing a dead mount (its daemon is gone)", mp)
             lazy_unmount(mp)
             st = os.stat(mp)

@@ -27,35 +27,50 @@ def _mounts() -> dict[str, tuple[str, str]]:
     return out
 
 
-def _devices() -> dict[str, str]:
-    return {mp: dev for mp, (dev, _) in _mounts().items()}
-
-
 #: the type of a curvefs mount in mountinfo (FUSE with subtype=curvefs)
 FSTYPE = "fuse.curvefs"
 
 
-def mount_fstype(path: Union[str, os.PathLike]) -> Optional[str]:
-    """The file system type of the mount at ``path`` (``fuse.curvefs`` for ours)."""
-    p = mount_point(path)
-    return None if p is None else _mounts()[p][1]
+def _point(path: Union[str, os.PathLike], mounts: dict) -> Optional[str]:
+    """``path`` as ``mounts`` spells it if it is a mount point, else None. Only the
+    parent directory is resolved (symlinks), never the mount point itself."""
+    p = os.path.abspath(path)
+    if p in mounts:
+        return p
+    real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return real if real in mounts else None
 
 
 def mount_point(path: Union[str, os.PathLike]) -> Optional[str]:
-    """``path`` as mountinfo spells it if it is a mount point, else None. Only the
-    parent directory is resolved (symlinks), never the mount point itself."""
+    """``path`` as mountinfo spells it if it is a mount point, else None."""
+    return _point(path, _mounts())
+
+
+def mount_fstype(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The file system type of the mount at ``path`` (``fuse.curvefs`` for ours)."""
+    mounts = _mounts()
+    p = _point(path, mounts)
+    return None if p is None else mounts[p][1]
+
+
+def containing_mount(path: Union[str, os.PathLike]) -> tuple[str, str]:
+    """(mount point, file system type) of the mount ``path`` lies on (the nearest
+    mount point at or above it; ``/`` at the latest)."""
+    mounts = _mounts()
     p = os.path.abspath(path)
-    points = _devices()
-    if p in points:
-        return p
-    real = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
-    return real if real in points else None
+    while True:
+        found = _point(p, mounts)
+        if found is not None or os.path.dirname(p) == p:
+            mp = found or p
+            return mp, mounts.get(mp, ("", ""))[1]
+        p = os.path.dirname(p)
 
 
 def mount_device(path: Union[str, os.PathLike]) -> Optional[str]:
     """The device ("major:minor", as in /sys/class/bdi/) of the mount at ``path``."""
-    p = mount_point(path)
-    return None if p is None else _devices().get(p)
+    mounts = _mounts()
+    p = _point(path, mounts)
+    return None if p is None else mounts[p][0]
 
 
 def is_mounted(path: Union[str, os.PathLike]) -> bool:

@@ -125,7 +125,7 @@ def dump(engine: Engine, out: IO[str], keep_secret: bool = False,
 
 
 def _records(src: IO[str]) -> Iterator[tuple[int, dict]]:
-    for n, text in enumerate(src, 2):  # (line 1, the header, is read by read_format)
+    for n, text in enumerate(src, 2):  # (line 1, the header, is read by read_header)
         if text.strip():
             try:
                 rec = json.loads(text)

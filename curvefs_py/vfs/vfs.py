@@ -808,7 +808,7 @@ class VFS:
         and free the inode if it was unlinked while open."""
         await self.passthrough.drop_unused(h.ino)
         attr = self.open_attrs.pop(h.ino, None)
-        if attr is not None and not h.backing and not h.flags & (os.O_WRONLY | os.O_RDWR):
+        if attr is not None and not h.backing and not _writable(h):
             self._maybe_build_image(attr)
         self._drop_slices(h.ino)
         self.writers.forget_error(h.ino)
@@ -947,5 +947,5 @@ XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 
 
 def _writable(h) -> bool:
-    """A handle open for writing: its FLUSH/FSYNC/RELEASE hears of lost writes."""
+    """A handle open for writing: its FLUSH and FSYNC hear of lost writes."""
     return bool(h.flags & (os.O_WRONLY | os.O_RDWR))
